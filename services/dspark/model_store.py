@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dspark.registry import ModelSpec, REGISTRY, get_spec
+from dspark.registry import REGISTRY, ModelSpec, get_spec
 
 _CHUNK = 1 << 22
 

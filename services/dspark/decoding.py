@@ -1,0 +1,205 @@
+"""The decode loop: propose -> verify -> commit, over many requests with continuous batching.
+
+Each round every running request sends its anchor token (the last token it emitted, not yet in the
+target's cache) followed by its draft block through one batched target forward; rejection sampling
+keeps a prefix of the block and emits one recovered or bonus token, which becomes the next anchor.
+With no proposer (or k = 0) the same loop is plain autoregressive decoding: the baseline.
+Requests join and leave between rounds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.engine import ContextLengthError, QueryBlock, TargetEngine
+from dspark.proposer import DraftRequest, Proposal, Proposer
+from dspark.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from dspark.verification import verify
+
+
+@dataclass
+class RequestStats:
+    rounds: int = 0  # verification rounds
+    drafted: int = 0  # draft tokens proposed
+    scheduled: int = 0  # draft tokens sent to verification (the verification budget)
+    accepted: int = 0  # draft tokens that survived
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: rounds whose draft i survived
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per round, the recovered/bonus token included (as the paper counts it)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def record(self, scheduled: int, accepted: int) -> None:
+        self.rounds += 1
+        self.scheduled += scheduled
+        self.accepted += accepted
+        if len(self.accepted_per_position) < scheduled:
+            self.accepted_per_position += [0] * (scheduled - len(self.accepted_per_position))
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence or stop token), "length" (max_tokens / context), "abort"
+    stats: RequestStats
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    rng: torch.Generator
+    output: list[int] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def anchor(self) -> int:
+        return self.output[-1]
+
+
+class Decoder:
+    def __init__(
+        self,
+        engine: TargetEngine,
+        proposer: Proposer | None = None,
+        num_draft: int = 0,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
+        self.engine = engine
+        self.proposer = proposer
+        self.num_draft = num_draft if proposer is not None else 0
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._waiting: list[_Request] = []
+        self._running: list[_Request] = []
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.engine.config.max_context:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens; max_context is {self.engine.config.max_context}"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (0..{self.engine.vocab_size - 1}): {bad[:5]}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if any(r.request_id == rid for r in self._waiting + self._running):
+            raise ValueError(f"request id {rid!r} is already in use")
+        self._waiting.append(_Request(rid, list(prompt_ids), params, make_generator(params.seed, self.engine.device)))
+        return rid
+
+    def abort(self, request_id: str) -> Completion | None:
+        for queue in (self._waiting, self._running):
+            for r in queue:
+                if r.request_id == request_id:
+                    queue.remove(r)
+                    self._free(r)
+                    return self._completion(r, "abort")
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    # -- one round --------------------------------------------------------------------------------------
+
+    def step(self) -> list[Completion]:
+        """Admit waiting requests, run one propose -> verify -> commit round; return what finished."""
+        finished = self._admit()
+        batch = self._running
+        if not batch:
+            return finished
+        ks = [self._budget(r) for r in batch]
+        proposals = self._propose(batch, ks)
+        outs = self.engine.forward(
+            [QueryBlock(r.request_id, [r.anchor] + p.token_ids.tolist()) for r, p in zip(batch, proposals)]
+        )
+        still = []
+        for r, p, o in zip(batch, proposals, outs):
+            target_probs = logits_to_probs(o.logits, r.params)  # (k+1, V)
+            v = verify(p.token_ids, p.probs, target_probs, r.rng)
+            self.engine.commit(r.request_id, 1 + v.accepted)  # anchor + accepted drafts
+            r.stats.drafted += len(p.token_ids)
+            r.stats.record(len(p.token_ids), v.accepted)
+            reason = self._emit(r, v.tokens)
+            if reason:
+                self._free(r)
+                finished.append(self._completion(r, reason))
+            else:
+                still.append(r)
+        self._running = still
+        return finished
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run prompts to completion (continuous batching when there are more than engine slots)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[str, Completion] = {}
+        while self.has_work:
+            for c in self.step():
+                done[c.request_id] = c
+        return [done[i] for i in ids]
+
+    # -- pieces -----------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Completion]:
+        finished = []
+        while self._waiting and self.engine.free_slots:
+            r = self._waiting.pop(0)
+            self.engine.add(r.request_id)
+            out = self.engine.prefill(r.request_id, r.prompt_ids)
+            first = int(sample(logits_to_probs(out.logits[-1], r.params), r.rng))
+            reason = self._emit(r, [first])
+            if reason:
+                self._free(r)
+                finished.append(self._completion(r, reason))
+            else:
+                self._running.append(r)
+        return finished
+
+    def _budget(self, r: _Request) -> int:
+        """Draft tokens worth verifying: never past max_tokens or the context."""
+        room_tokens = r.params.max_tokens - len(r.output) - 1
+        room_context = self.engine.config.max_context - self.engine.length(r.request_id) - 1
+        return max(0, min(self.num_draft, room_tokens, room_context))
+
+    def _propose(self, batch: list[_Request], ks: list[int]) -> list[Proposal]:
+        empty = Proposal.empty(self.engine.vocab_size, self.engine.device)
+        if self.proposer is None or not any(ks):
+            return [empty] * len(batch)
+        reqs = [DraftRequest(r.request_id, r.prompt_ids + r.output, k, r.params) for r, k in zip(batch, ks)]
+        return self.proposer.propose(reqs)
+
+    def _emit(self, r: _Request, tokens: list[int]) -> str | None:
+        """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""
+        stops = set() if r.params.ignore_eos else self.eos_token_ids | set(r.params.stop_token_ids)
+        for t in tokens:
+            r.output.append(t)
+            if t in stops:
+                return "stop"
+            if len(r.output) >= r.params.max_tokens:
+                return "length"
+        if self.engine.length(r.request_id) + 1 > self.engine.config.max_context:  # no room for the anchor
+            return "length"
+        return None
+
+    def _free(self, r: _Request) -> None:
+        self.engine.release(r.request_id)
+        if self.proposer is not None:
+            self.proposer.release(r.request_id)
+
+    @staticmethod
+    def _completion(r: _Request, reason: str) -> Completion:
+        return Completion(r.request_id, r.prompt_ids, list(r.output), reason, r.stats)

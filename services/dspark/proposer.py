@@ -1,0 +1,37 @@
+"""What a proposer is: given each request's token history, propose k draft tokens and the distribution
+each was sampled from. Proposers never learn how their tokens are accepted; they only see the next
+history, which tells them how much of their proposal survived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dspark.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    request_id: str
+    token_ids: list[int]  # the whole history: prompt + output, ending with the anchor token
+    num_draft: int  # k, tokens to propose
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Proposal:
+    token_ids: torch.Tensor  # (k,) int64
+    probs: torch.Tensor  # (k, V) float32, the distribution each draft token was sampled from
+
+    @classmethod
+    def empty(cls, vocab_size: int, device="cpu") -> Proposal:
+        return cls(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab_size, device=device))
+
+
+class Proposer(Protocol):
+    def propose(self, requests: list[DraftRequest]) -> list[Proposal]: ...
+
+    def release(self, request_id: str) -> None: ...
