@@ -61,8 +61,13 @@ class TargetEngine:
                 raise ValueError(f"feature layer {layer} out of range 0..{self.num_layers}")
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.cache = SlotCache(
-            self.num_layers, config.max_requests, config.max_context, mc.num_key_value_heads, head_dim,
-            model.dtype, self.device,
+            self.num_layers,
+            config.max_requests,
+            config.max_context,
+            mc.num_key_value_heads,
+            head_dim,
+            model.dtype,
+            self.device,
         )
         layer_types = getattr(mc, "layer_types", None) or ["full_attention"] * self.num_layers
         self._sliding_window = getattr(mc, "sliding_window", None) if "sliding_attention" in layer_types else None

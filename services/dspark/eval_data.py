@@ -1,0 +1,24 @@
+"""The evaluation prompt sets shipped with the package (see data/eval/README.md for their licences)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EVAL_DIR = Path(__file__).parent / "data" / "eval"
+EVAL_SETS = tuple(sorted(p.stem for p in EVAL_DIR.glob("*.jsonl")))
+
+
+def load_turns(name_or_path: str) -> list[list[str]]:
+    """Each record's `turns` (user messages), from a shipped set name or a JSONL path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = EVAL_DIR / f"{name_or_path}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{name_or_path}: no such JSONL file or shipped set ({', '.join(EVAL_SETS)})")
+    with open(path) as f:
+        return [json.loads(line)["turns"] for line in f if line.strip()]
+
+
+def first_turns(name_or_path: str, limit: int | None = None) -> list[str]:
+    return [t[0] for t in load_turns(name_or_path)][:limit]

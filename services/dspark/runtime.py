@@ -1,0 +1,26 @@
+"""Builds a ready Decoder from an EngineConfig: the target engine, its tokenizer and a proposer."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from dspark.config import EngineConfig
+from dspark.decoding import Decoder
+from dspark.draft_model import DraftModelProposer
+from dspark.engine import TargetEngine
+from dspark.prompt import eos_token_ids
+
+
+def build_decoder(config: EngineConfig, draft_model: str | None = None, num_draft: int = 4) -> Decoder:
+    """Plain decoding when draft_model is None; else an independent draft LM ("self" = the target itself)."""
+    target = TargetEngine(config)
+    proposer = None
+    if draft_model is not None:
+        if draft_model in ("self", config.model):
+            draft = TargetEngine(replace(config, feature_layers=()), model=target.model, tokenizer=target.tokenizer)
+        else:
+            draft = TargetEngine(replace(config, model=draft_model, feature_layers=()))
+            if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+                raise ValueError(f"draft model {draft_model!r} does not share the target's tokenizer")
+        proposer = DraftModelProposer(draft, vocab_size=target.vocab_size)
+    return Decoder(target, proposer, num_draft, eos_token_ids(target.model, target.tokenizer))

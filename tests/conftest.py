@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random-weight models for fast tests, the real default model for `slow` ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_model(arch: str = "llama", vocab: int = 32, seed: int = 0, layers: int = 2):
+    """A random-weight causal LM of the given architecture, small enough to run in milliseconds."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"][:layers] + ["full_attention"] * max(0, layers - 2),
+        )
+        model = Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = "sdpa"
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(model, tokenizer) of the real default target, fp32 on CPU (converted once into DSPARK_HOME)."""
+    from dspark.model_store import load_model
+    from dspark.registry import DEFAULT_MODEL
+
+    return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
