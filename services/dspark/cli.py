@@ -94,6 +94,30 @@ def cmd_bench_engine(a) -> int:
     return 0
 
 
+def cmd_data(a) -> int:
+    from pathlib import Path
+
+    from dspark.model_store import dspark_home
+    from dspark.registry import REGISTRY
+    from dspark.runtime import build_decoder
+    from dspark.sampling import SamplingParams
+    from dspark.training_data import regenerate, training_prompts
+
+    spec = REGISTRY.get(a.model)
+    params = SamplingParams(
+        temperature=a.temperature if a.temperature is not None else (spec.temperature if spec else 0.7),
+        top_p=a.top_p if a.top_p is not None else (spec.top_p if spec else 0.9),
+        top_k=spec.top_k if spec else 0,
+        max_tokens=a.max_tokens,
+    )
+    prompts = training_prompts(a.files)[: a.limit]
+    out = Path(a.out) if a.out else dspark_home() / "data" / f"{Path(a.model).name}.jsonl"
+    dec = build_decoder(_engine_config(a))
+    n = regenerate(dec, prompts, out, params, seed=a.seed)
+    print(f"wrote {n} responses to {out} ({params.temperature=}, {params.top_p=}, {params.top_k=})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -126,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-b", type=int, default=256)
     b.add_argument("--out", default="bench-results/engine.json")
     b.set_defaults(fn=cmd_bench_engine)
+
+    d = sub.add_parser("data", help="regenerate drafter training responses with the target (resumable)")
+    _engine_args(d)
+    d.add_argument("--files", nargs="*", default=None, help="prompt JSONL files (default: the shipped train sets)")
+    d.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    d.add_argument("--max-tokens", type=int, default=256)
+    d.add_argument("--temperature", type=float, default=None, help="default: the model's recommended")
+    d.add_argument("--top-p", type=float, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default=None, help="JSONL output (default: $DSPARK_HOME/data/MODEL.jsonl)")
+    d.set_defaults(fn=cmd_data)
 
     a = ap.parse_args(argv)
     try:

