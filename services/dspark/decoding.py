@@ -9,6 +9,7 @@ Requests join and leave between rounds.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from dataclasses import dataclass, field
 
@@ -78,9 +79,10 @@ class Decoder:
         self.proposer = proposer
         self.num_draft = num_draft if proposer is not None else 0
         self.eos_token_ids = frozenset(eos_token_ids)
-        self._waiting: list[_Request] = []
+        self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
+        self._ids_in_use: set[str] = set()
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -95,8 +97,9 @@ class Decoder:
         if bad:
             raise ValueError(f"token ids out of the vocabulary (0..{self.engine.vocab_size - 1}): {bad[:5]}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if any(r.request_id == rid for r in self._waiting + self._running):
+        if rid in self._ids_in_use:
             raise ValueError(f"request id {rid!r} is already in use")
+        self._ids_in_use.add(rid)
         self._waiting.append(_Request(rid, list(prompt_ids), params, make_generator(params.seed, self.engine.device)))
         return rid
 
@@ -157,7 +160,7 @@ class Decoder:
     def _admit(self) -> list[Completion]:
         finished = []
         while self._waiting and self.engine.free_slots:
-            r = self._waiting.pop(0)
+            r = self._waiting.popleft()
             self.engine.add(r.request_id)
             out = self.engine.prefill(r.request_id, r.prompt_ids)
             first = int(sample(logits_to_probs(out.logits[-1], r.params), r.rng))
@@ -196,6 +199,7 @@ class Decoder:
         return None
 
     def _free(self, r: _Request) -> None:
+        self._ids_in_use.discard(r.request_id)
         self.engine.release(r.request_id)
         if self.proposer is not None:
             self.proposer.release(r.request_id)

@@ -40,7 +40,10 @@ class DraftModelProposer:
         if r.request_id not in self._cached:
             self.engine.add(r.request_id)
             self._cached[r.request_id] = []
-            seed = None if r.params.seed is None else r.params.seed + 1  # a stream apart from the verifier's
+            # a stream apart from every verifier stream: seed + 1 would replay the next request's seed
+            seed = (
+                None if r.params.seed is None else (r.params.seed * 6364136223846793005 + 1442695040888963407) % 2**63
+            )
             self._rng[r.request_id] = make_generator(seed, self.engine.device)
         keep = min(common_prefix(self._cached[r.request_id], r.token_ids), len(r.token_ids) - 1)
         self.engine.truncate(r.request_id, keep)

@@ -63,8 +63,11 @@ def regenerate(
         for k, (pid, text) in enumerate(pending):
             ids = encode_prompt(tok, text)[-max_prompt_tokens:]
             sp = SamplingParams(
-                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                max_tokens=params.max_tokens, seed=seed + k + len(done),
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                max_tokens=params.max_tokens,
+                seed=seed + k + len(done),
             )
             by_rid[decoder.add_request(ids, sp)] = (pid, ids)
             # keep the queue short so finished work is written as it completes
@@ -78,8 +81,10 @@ def regenerate(
 def _drain(finished, by_rid, out, bar) -> int:
     for c in finished:
         pid, ids = by_rid.pop(c.request_id)
-        out.write(json.dumps({"id": pid, "prompt_ids": ids, "response_ids": c.token_ids,
-                              "finish_reason": c.finish_reason}) + "\n")
+        out.write(
+            json.dumps({"id": pid, "prompt_ids": ids, "response_ids": c.token_ids, "finish_reason": c.finish_reason})
+            + "\n"
+        )
         bar.update(1)
     out.flush()
     return len(finished)
