@@ -17,7 +17,7 @@ import torch
 
 from dspark.engine import ContextLengthError, QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal, Proposer
-from dspark.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from dspark.sampling import SamplingParams, draw, logits_to_probs, make_generator
 from dspark.verification import verify
 
 
@@ -132,7 +132,7 @@ class Decoder:
         still = []
         for r, p, o in zip(batch, proposals, outs):
             target_probs = logits_to_probs(o.logits, r.params)  # (k+1, V)
-            v = verify(p.token_ids, p.probs, target_probs, r.rng)
+            v = verify(p.token_ids, p.probs, target_probs, r.rng, greedy=r.params.greedy)
             self.engine.commit(r.request_id, 1 + v.accepted)  # anchor + accepted drafts
             r.stats.drafted += len(p.token_ids)
             r.stats.record(len(p.token_ids), v.accepted)
@@ -163,7 +163,7 @@ class Decoder:
             r = self._waiting.popleft()
             self.engine.add(r.request_id)
             out = self.engine.prefill(r.request_id, r.prompt_ids)
-            first = int(sample(logits_to_probs(out.logits[-1], r.params), r.rng))
+            first = int(draw(logits_to_probs(out.logits[-1], r.params), r.params, r.rng))
             reason = self._emit(r, [first])
             if reason:
                 self._free(r)

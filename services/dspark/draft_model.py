@@ -11,7 +11,7 @@ import torch
 
 from dspark.engine import QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal
-from dspark.sampling import logits_to_probs, make_generator, sample
+from dspark.sampling import draw, logits_to_probs, make_generator
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -81,7 +81,7 @@ class DraftModelProposer:
                 q = logits_to_probs(lg[: self.vocab_size], r.params)  # (V_draft,)
                 if q.shape[-1] < self.vocab_size:
                     q = torch.nn.functional.pad(q, (0, self.vocab_size - q.shape[-1]))
-                tokens[r.request_id].append(sample(q, self._rng[r.request_id]))
+                tokens[r.request_id].append(draw(q, r.params, self._rng[r.request_id]))
                 probs[r.request_id].append(q)
             step += 1
             active = [r for r in active if r.num_draft > step]

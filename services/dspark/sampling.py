@@ -61,6 +61,11 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
 
 
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample`, except that greedy distributions (one-hot) are read off with argmax, which is exact and cheaper."""
+    return probs.argmax(-1) if params.greedy else sample(probs, generator)
+
+
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))

@@ -28,7 +28,9 @@ def verify(
     draft_probs: torch.Tensor,  # (k, V) distribution each draft token was sampled from
     target_probs: torch.Tensor,  # (k+1, V) target distribution at each block position
     generator: torch.Generator | None = None,
+    greedy: bool = False,  # one-hot target: the recovered/bonus token is its argmax, no draw needed
 ) -> VerifyResult:
+    pick = (lambda d: d.argmax(-1)) if greedy else (lambda d: sample(d, generator))
     k = draft_tokens.shape[0]
     if k:
         idx = torch.arange(k, device=draft_tokens.device)
@@ -44,8 +46,8 @@ def verify(
         residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0)
         # p == q leaves no residual mass, but then rejection had probability 0; fall back to p
         dist = residual if residual.sum() > 0 else target_probs[accepted]
-        last = sample(dist / dist.sum(), generator)
+        last = pick(dist / dist.sum())
     else:
-        last = sample(target_probs[k], generator)
+        last = pick(target_probs[k])
     tokens = draft_tokens[:accepted].tolist() + [int(last)]
     return VerifyResult(accepted=accepted, tokens=tokens, bonus=accepted == k)
