@@ -61,6 +61,13 @@ class _Request:
     rng: torch.Generator
     output: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
+    new_features: list[torch.Tensor] = field(default_factory=list)  # committed, not yet sent to the proposer
+
+    def take_features(self) -> torch.Tensor | None:
+        if not self.new_features:
+            return None
+        out, self.new_features = torch.cat(self.new_features), []
+        return out
 
     @property
     def anchor(self) -> int:
@@ -134,6 +141,8 @@ class Decoder:
             target_probs = logits_to_probs(o.logits, r.params)  # (k+1, V)
             v = verify(p.token_ids, p.probs, target_probs, r.rng, greedy=r.params.greedy)
             self.engine.commit(r.request_id, 1 + v.accepted)  # anchor + accepted drafts
+            if o.features is not None:
+                r.new_features.append(o.features[: 1 + v.accepted])
             r.stats.drafted += len(p.token_ids)
             r.stats.record(len(p.token_ids), v.accepted)
             reason = self._emit(r, v.tokens)
@@ -163,6 +172,8 @@ class Decoder:
             r = self._waiting.popleft()
             self.engine.add(r.request_id)
             out = self.engine.prefill(r.request_id, r.prompt_ids)
+            if out.features is not None:
+                r.new_features.append(out.features)
             first = int(draw(logits_to_probs(out.logits[-1], r.params), r.params, r.rng))
             reason = self._emit(r, [first])
             if reason:
@@ -182,7 +193,10 @@ class Decoder:
         empty = Proposal.empty(self.engine.vocab_size, self.engine.device)
         if self.proposer is None or not any(ks):
             return [empty] * len(batch)
-        reqs = [DraftRequest(r.request_id, r.prompt_ids + r.output, k, r.params) for r, k in zip(batch, ks)]
+        reqs = [
+            DraftRequest(r.request_id, r.prompt_ids + r.output, k, r.params, r.take_features())
+            for r, k in zip(batch, ks)
+        ]
         return self.proposer.propose(reqs)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:

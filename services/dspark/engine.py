@@ -189,12 +189,15 @@ class TargetEngine:
         return results
 
     def prefill(self, request_id: str, token_ids: list[int], chunk: int = 512) -> ForwardOutput:
-        """Forward and commit a whole prompt in chunks; returns the last chunk's last-position output."""
-        out = None
+        """Forward and commit a whole prompt in chunks: the last position's logits (1, V) and, when configured,
+        the features of every prompt token (len(token_ids), F)."""
+        if not token_ids:
+            raise ValueError(f"empty prompt for {request_id!r}")
+        outs = []
         for s in range(0, len(token_ids), chunk):
             piece = token_ids[s : s + chunk]
             (out,) = self.forward([QueryBlock(request_id, piece)], logits="last")
             self.commit(request_id, len(piece))
-        if out is None:
-            raise ValueError(f"empty prompt for {request_id!r}")
-        return out
+            outs.append(out)
+        features = None if outs[0].features is None else torch.cat([o.features for o in outs])
+        return ForwardOutput(logits=outs[-1].logits, features=features)

@@ -19,12 +19,16 @@ class DraftRequest:
     token_ids: list[int]  # the whole history: prompt + output, ending with the anchor token
     num_draft: int  # k, tokens to propose
     params: SamplingParams
+    # (n, F) target features of the tokens committed since this request's previous DraftRequest (the whole prompt
+    # the first time); None when the target returns no features. Together they cover every token before the anchor.
+    features: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Proposal:
     token_ids: torch.Tensor  # (k,) int64
     probs: torch.Tensor  # (k, V) float32, the distribution each draft token was sampled from
+    confidence: torch.Tensor | None = None  # (k,) P(draft i survives | drafts < i survived), if the proposer knows
 
     @classmethod
     def empty(cls, vocab_size: int, device="cpu") -> Proposal:
