@@ -142,6 +142,14 @@ def test_gguf_file_bad_pin_raises_and_leaves_nothing(tmp_path, monkeypatch):
     assert not gguf_dir.exists() or list(gguf_dir.iterdir()) == []
 
 
+def test_gguf_file_rejoins_a_cached_file_that_no_longer_matches(tmp_path, monkeypatch):
+    pin = hashlib.sha256(b"".join(CHUNKS)).hexdigest()
+    spec = _fake_spec(tmp_path, monkeypatch, "dspark_fake_weights_f", pin)
+    path = ms.gguf_file(spec)
+    path.write_bytes(b"tampered")
+    assert ms.file_sha256(ms.gguf_file(spec)) == pin
+
+
 def test_gguf_file_single_file_checks_pin(tmp_path, monkeypatch):
     _fake_package(tmp_path, monkeypatch, "dspark_fake_weights_e", {"m.gguf": b"GGUF single"})
     spec = ModelSpec(

@@ -86,6 +86,9 @@ def gguf_file(spec: ModelSpec) -> Path:
             raise ChecksumError(f"{paths[0]}: sha256 {got} does not match the pinned {spec.sha256}")
         return paths[0]
     dest = dspark_home() / "gguf" / f"{spec.name}.gguf"
+    # a joined file left by an earlier run is trusted only if it still hashes to the pin
+    if dest.exists() and spec.sha256 is not None and file_sha256(dest) != spec.sha256:
+        dest.unlink()
     if not dest.exists():
         join_parts(paths, dest, spec.sha256)
     return dest
