@@ -118,6 +118,31 @@ def cmd_data(a) -> int:
     return 0
 
 
+# -- dspark train ------------------------------------------------------------------------------------------------
+
+
+def cmd_train(a) -> int:
+    from pathlib import Path
+
+    from dspark.model_store import dspark_home
+    from dspark.training import TrainConfig, train
+
+    overrides = {}
+    for key in ("model", "device", "dtype", "steps", "sequential_head", "threads"):
+        if getattr(a, key) is not None:
+            overrides[key] = getattr(a, key)
+    cfg = TrainConfig.preset(a.config, **overrides)
+    out = Path(a.out) if a.out else dspark_home() / "drafters" / f"{Path(cfg.model).name}-{a.config}"
+    r = train(cfg, a.data, out, resume=a.resume)
+    cal = r.log.get("calibration") or {}
+    ev = r.log["eval"][-1] if r.log["eval"] else {}
+    print(
+        f"drafter in {out} after {r.step} steps: eval loss {ev.get('loss', float('nan')):.4f}, "
+        f"verified tau {cal.get('tau', float('nan')):.3f} at T={cal.get('temperature')}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default=None, help="JSONL output (default: $DSPARK_HOME/data/MODEL.jsonl)")
     d.set_defaults(fn=cmd_data)
+
+    t = sub.add_parser("train", help="train a DSpark drafter on `dspark data` output (resumable)")
+    t.add_argument("--data", required=True, help="JSONL written by `dspark data`")
+    t.add_argument("--config", required=True, choices=["tiny", "cpu-small", "full"], help="training preset")
+    t.add_argument("--out", default=None, help="output folder (default: $DSPARK_HOME/drafters/MODEL-CONFIG)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")
+    t.add_argument("--sequential-head", default=None, choices=["markov", "rnn", "none"], help="'none': ablation")
+    t.add_argument("--model", default=None, help="target (default: the preset's, the default model)")
+    t.add_argument("--device", default=None, help="torch device (default: the preset's)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(fn=cmd_train)
 
     a = ap.parse_args(argv)
     try:

@@ -16,8 +16,15 @@ def load_turns(name_or_path: str) -> list[list[str]]:
         path = EVAL_DIR / f"{name_or_path}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{name_or_path}: no such JSONL file or shipped set ({', '.join(EVAL_SETS)})")
-    with open(path) as f:
-        return [json.loads(line)["turns"] for line in f if line.strip()]
+    out = []
+    with open(path, newline="\n") as f:  # a "\r" inside a prompt is not a line break
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line, strict=False)["turns"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object with a 'turns' list ({e})") from None
+    return out
 
 
 def first_turns(name_or_path: str, limit: int | None = None) -> list[str]:
