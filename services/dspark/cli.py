@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
 from dspark.registry import DEFAULT_MODEL, REGISTRY
@@ -110,7 +111,9 @@ def cmd_data(a) -> int:
         top_k=spec.top_k if spec else 0,
         max_tokens=a.max_tokens,
     )
-    prompts = training_prompts(a.files)[: a.limit]
+    prompts = training_prompts(a.files)
+    random.Random(a.seed).shuffle(prompts)  # a partial (resumed) run still covers every domain
+    prompts = prompts[: a.limit]
     out = Path(a.out) if a.out else dspark_home() / "data" / f"{Path(a.model).name}.jsonl"
     dec = build_decoder(_engine_config(a))
     n = regenerate(dec, prompts, out, params, seed=a.seed)
