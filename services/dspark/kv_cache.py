@@ -26,9 +26,6 @@ class SlotCache(Cache):
         self._write_pos: torch.Tensor | None = None  # (B, T) column each new key/value goes to
         self._kv_len = 0  # columns the attention reads in this forward
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def bind(self, slots: list[int], write_pos: torch.Tensor, kv_len: int) -> None:
         device = self.keys[0].device
         self._slots = torch.tensor(slots, dtype=torch.long, device=device)
