@@ -101,3 +101,11 @@ def test_seeded_sampling_is_reproducible():
     one = Decoder(target, DraftModelProposer(draft), num_draft=3).generate([[3, 4]], sp)[0].token_ids
     two = Decoder(target, DraftModelProposer(draft), num_draft=3).generate([[3, 4]], sp)[0].token_ids
     assert one == two
+
+
+def test_ignore_eos_still_honours_explicit_stop_tokens():
+    target, _ = engines()
+    free = Decoder(target).generate([[3, 4]], GREEDY)[0].token_ids
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=(free[3],))
+    c = Decoder(target, eos_token_ids=(free[1],)).generate([[3, 4]], sp)[0]
+    assert c.finish_reason == "stop" and c.token_ids == free[: free.index(free[3]) + 1]

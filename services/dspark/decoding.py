@@ -201,7 +201,7 @@ class Decoder:
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""
-        stops = set() if r.params.ignore_eos else self.eos_token_ids | set(r.params.stop_token_ids)
+        stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_token_ids)
         for t in tokens:
             r.output.append(t)
             if t in stops:
