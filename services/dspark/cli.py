@@ -146,6 +146,16 @@ def cmd_train(a) -> int:
     return 0
 
 
+# -- dspark eval -------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(a) -> int:
+    from dspark.evaluation import run_eval
+
+    run_eval(a)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -202,6 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="speculative decoding with a DSpark drafter on eval sets: tau, acceptance, ECE/AUC")
+    _engine_args(e)
+    e.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
+    e.add_argument("--datasets", nargs="+", required=True, help="shipped eval set names or JSONL files with 'turns'")
+    e.add_argument("--gamma", type=int, default=None, help="drafts per round (default: the drafter's block size)")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--max-tokens", type=int, default=256)
+    e.add_argument("--limit", type=int, default=None, help="first N records of each dataset")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--out", default=None, help="folder for eval.json and the plots")
+    e.set_defaults(fn=cmd_eval)
 
     a = ap.parse_args(argv)
     try:

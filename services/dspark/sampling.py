@@ -46,19 +46,36 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = _top_p(logits, params.top_p)
     return logits.softmax(-1)
 
 
+_NUCLEUS_CANDIDATES = 256  # the nucleus almost always lies inside the top few hundred tokens
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask all but the smallest set of top tokens holding top_p of the mass. Looks among the top candidates first
+    (a partial sort) and sorts the whole vocabulary only for rows whose nucleus is wider; the result is the same."""
+    k = min(_NUCLEUS_CANDIDATES, logits.shape[-1])
+    probs = logits.softmax(-1)
+    cand_p, cand_i = torch.topk(probs, k, dim=-1)  # sorted, descending
+    if not bool((cand_p.sum(-1) >= top_p).all()):
+        cand_p, cand_i = torch.sort(probs, dim=-1, descending=True)
+    # keep a token while the tokens ranked above it hold less than top_p of the mass
+    keep_sorted = (cand_p.cumsum(-1) - cand_p) < top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, cand_i, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(..., V) probabilities -> (...) token ids."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    """(..., V) probabilities -> (...) token ids, by inversion of the CDF (exact, and far cheaper than multinomial
+    on a large vocabulary). Rows need not be normalised."""
+    flat = probs.reshape(-1, probs.shape[-1]).double()
+    cdf = flat.cumsum(-1)  # (N, V)
+    u = torch.rand(flat.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    # the first token whose CDF exceeds u: zero-probability tokens never qualify
+    idx = torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1)
+    return idx.reshape(probs.shape[:-1])
 
 
 def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
