@@ -136,6 +136,15 @@ class TargetEngine:
                     f"request {b.request_id!r} would reach {self._length[b.request_id] + len(b.token_ids)} tokens, "
                     f"over max_context={self.config.max_context}"
                 )
+        # rows in slot order: when the batch holds a contiguous run of slots (e.g. all of them) the cache is read
+        # as a view instead of being gathered (a copy of every layer's keys and values)
+        order = sorted(range(len(blocks)), key=lambda i: self._slot[blocks[i].request_id])
+        if order != list(range(len(blocks))):
+            outs = self.forward([blocks[i] for i in order], logits)
+            back = [None] * len(blocks)
+            for j, i in enumerate(order):
+                back[i] = outs[j]
+            return back
         dev = self.device
         T = max(len(b.token_ids) for b in blocks)
         start = torch.tensor([self._length[b.request_id] for b in blocks], device=dev)  # (B,)
