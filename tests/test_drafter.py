@@ -19,6 +19,7 @@ from dspark.drafter import (
 from dspark.drafter_loss import acceptance_rate, drafter_loss, position_weights, total_variation
 from dspark.engine import TargetEngine
 from dspark.sampling import SamplingParams, logits_to_probs
+from dspark.training import load_trained_drafter, save_trained_drafter, target_fingerprint
 
 V = 32
 
@@ -99,8 +100,8 @@ def test_shared_modules_frozen_and_not_saved(tmp_path):
     assert d.fc.weight.grad is not None and d.layers[0].attn.q_proj.weight.grad is not None
 
     d.eval().conf_temperature.fill_(2.0)
-    d.save(tmp_path / "drafter.pt")
-    d2 = DSparkDrafter.load(tmp_path / "drafter.pt", model.get_input_embeddings(), model.get_output_embeddings())
+    save_trained_drafter(d, tmp_path, "tiny", target_fingerprint(model))
+    d2 = load_trained_drafter(tmp_path, model)
     assert d2.config == d.config and torch.equal(d2.conf_temperature, d.conf_temperature)
     torch.testing.assert_close(d2(feats, ids, anchors).logits, d(feats, ids, anchors).logits, rtol=0, atol=0)
 

@@ -17,7 +17,7 @@ another block. One attention call per layer trains all A blocks; a block's logit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -329,16 +329,6 @@ class DSparkDrafter(nn.Module):
 
     def load_drafter_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         return self.load_state_dict(state_dict, strict=strict)
-
-    def save(self, path) -> None:
-        torch.save({"config": asdict(self.config), "state_dict": self.drafter_state_dict()}, path)
-
-    @classmethod
-    def load(cls, path, embed_tokens: nn.Module, lm_head: nn.Module, map_location="cpu") -> DSparkDrafter:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        drafter = cls(DrafterConfig(**blob["config"]), embed_tokens, lm_head)
-        drafter.load_drafter_state_dict(blob["state_dict"])
-        return drafter.to(map_location)
 
     # -- pieces -----------------------------------------------------------------------------------------------
 

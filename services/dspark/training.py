@@ -33,8 +33,8 @@ on this 2-core machine (it is shared; two threads under that contention were slo
 Output directory: checkpoint.pt (resume state; drafter + AdamW moments, ~400 MB for cpu-small), log.json (every
 step's ce, tv, conf, loss, per-position acceptance estimate and tau, the evals and the calibration), loss.png (the
 curves), feature_cache/ (when cached), and at the end drafter.safetensors (the drafter's own weights only,
-drafter_state_dict(): the target's embedding and LM head are not in it; safetensors rather than DSparkDrafter.save's
-torch pickle) with drafter.json (its DrafterConfig, the target's name and fingerprint, training summary). The final
+drafter_state_dict(): the target's embedding and LM head are not in it)
+with drafter.json (its DrafterConfig, the target's name and fingerprint, training summary). The final
 confidences are calibrated by STS (fit_sts_temperatures) on held-out examples that training never saw: each held-out
 block is drafted with drafter.propose and verified against the target by real rejection sampling, and the
 per-position temperatures are fit to those accepted counts. load_trained_drafter refuses a drafter whose target
