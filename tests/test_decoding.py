@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_model
+
 from dspark.config import EngineConfig
 from dspark.decoding import Decoder
 from dspark.draft_model import DraftModelProposer
 from dspark.engine import ContextLengthError, TargetEngine
 from dspark.sampling import SamplingParams
+
+from conftest import tiny_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 

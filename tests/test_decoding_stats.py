@@ -11,13 +11,14 @@ import itertools
 
 import pytest
 import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from dspark.config import EngineConfig
 from dspark.decoding import Decoder
 from dspark.draft_model import DraftModelProposer
 from dspark.engine import QueryBlock, TargetEngine
 from dspark.sampling import SamplingParams, logits_to_probs
-from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
 
 V = 8
 PROMPT = [3, 5, 1]

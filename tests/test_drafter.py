@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+
 from dspark.config import EngineConfig
 from dspark.drafter import (
     ContextKV,
@@ -20,6 +20,8 @@ from dspark.drafter_loss import acceptance_rate, drafter_loss, position_weights,
 from dspark.engine import TargetEngine
 from dspark.sampling import SamplingParams, logits_to_probs
 from dspark.training import load_trained_drafter, save_trained_drafter, target_fingerprint
+
+from conftest import tiny_model
 
 V = 32
 

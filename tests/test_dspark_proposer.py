@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+
 from dspark.config import EngineConfig
 from dspark.decoding import Decoder
 from dspark.drafter import DSparkDrafter
@@ -12,6 +12,8 @@ from dspark.dspark_proposer import DSparkProposer
 from dspark.engine import TargetEngine
 from dspark.proposer import DraftRequest
 from dspark.sampling import SamplingParams
+
+from conftest import tiny_model
 
 
 def setup(gamma=4, max_requests=2):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+
 from dspark.config import EngineConfig
 from dspark.engine import CapacityError, ContextLengthError, QueryBlock, TargetEngine, UnknownRequestError
+
+from conftest import tiny_model
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:

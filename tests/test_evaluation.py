@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+
 from dspark.config import EngineConfig
 from dspark.drafter import DSparkDrafter
 from dspark.engine import TargetEngine
@@ -23,6 +23,8 @@ from dspark.evaluation import (
 )
 from dspark.sampling import SamplingParams
 from dspark.training import load_trained_drafter, save_trained_drafter, target_fingerprint
+
+from conftest import tiny_model
 
 V = 32
 LAYERS = (0, 1, 2)

@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 
 import pytest
+
 from dspark import model_store as ms
 from dspark.registry import REGISTRY, ModelSpec, get_spec
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dspark.config import EngineConfig
 from dspark.decoding import Decoder
 from dspark.draft_model import DraftModelProposer

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dspark.sampling import SamplingParams, logits_to_probs, make_generator, sample
 
 # distinct logits so every ranking (and so every top-k / top-p cut) is unambiguous

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+
 from dspark.training import (
     CHECKPOINT,
     LOG,
@@ -26,6 +26,8 @@ from dspark.training import (
     target_fingerprint,
     train,
 )
+
+from conftest import tiny_model
 
 V = 32
 

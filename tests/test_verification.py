@@ -11,9 +11,10 @@ import itertools
 
 import pytest
 import torch
+from scipy.stats import chisquare
+
 from dspark.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from dspark.verification import VerifyResult, verify
-from scipy.stats import chisquare
 
 N = 20000
 P_MIN = 1e-3
