@@ -18,6 +18,7 @@ import torch
 from dspark.engine import ContextLengthError, QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal, Proposer
 from dspark.sampling import SamplingParams, draw, logits_to_probs, make_generator
+from dspark.scheduler import POLICIES, SpsTable, schedule
 from dspark.verification import verify
 
 
@@ -81,10 +82,18 @@ class Decoder:
         proposer: Proposer | None = None,
         num_draft: int = 0,
         eos_token_ids: tuple[int, ...] = (),
+        policy: str = "fixed",
+        sps: SpsTable | None = None,
+        threshold: float = 0.5,
     ):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy == "dspark" and sps is None:
+            raise ValueError("the dspark policy needs the verifier's SPS table")
         self.engine = engine
         self.proposer = proposer
-        self.num_draft = num_draft if proposer is not None else 0
+        self.num_draft = num_draft if proposer is not None and policy != "autoregressive" else 0
+        self.policy, self.sps, self.threshold = policy, sps, threshold
         self.eos_token_ids = frozenset(eos_token_ids)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -132,18 +141,19 @@ class Decoder:
         if not batch:
             return finished
         ks = [self._budget(r) for r in batch]
-        proposals = self._propose(batch, ks)
+        drafted = self._propose(batch, ks)
+        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(drafted))]
         outs = self.engine.forward(
             [QueryBlock(r.request_id, [r.anchor] + p.token_ids.tolist()) for r, p in zip(batch, proposals)]
         )
         still = []
-        for r, p, o in zip(batch, proposals, outs):
+        for r, d, p, o in zip(batch, drafted, proposals, outs):
             target_probs = logits_to_probs(o.logits, r.params)  # (k+1, V)
             v = verify(p.token_ids, p.probs, target_probs, r.rng, greedy=r.params.greedy)
             self.engine.commit(r.request_id, 1 + v.accepted)  # anchor + accepted drafts
             if o.features is not None:
                 r.new_features.append(o.features[: 1 + v.accepted])
-            r.stats.drafted += len(p.token_ids)
+            r.stats.drafted += len(d.token_ids)
             r.stats.record(len(p.token_ids), v.accepted)
             reason = self._emit(r, v.tokens)
             if reason:
@@ -198,6 +208,15 @@ class Decoder:
             for r, k in zip(batch, ks)
         ]
         return self.proposer.propose(reqs)
+
+    def _schedule(self, proposals: list[Proposal]) -> list[int]:
+        """Verification budget per request: how much of each proposal the target checks this round."""
+        if self.policy == "fixed" or not any(len(p.token_ids) for p in proposals):
+            return [len(p.token_ids) for p in proposals]
+        if any(p.confidence is None for p in proposals if len(p.token_ids)):
+            raise ValueError(f"the {self.policy} policy needs a proposer that reports confidences")
+        conf = [[] if p.confidence is None else p.confidence.tolist() for p in proposals]
+        return schedule(self.policy, conf, self.sps, self.threshold)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""

@@ -30,6 +30,11 @@ class Proposal:
     probs: torch.Tensor  # (k, V) float32, the distribution each draft token was sampled from
     confidence: torch.Tensor | None = None  # (k,) P(draft i survives | drafts < i survived), if the proposer knows
 
+    def prefix(self, n: int) -> Proposal:
+        """The first n draft tokens: verifying a prefix of a proposal is still lossless."""
+        conf = None if self.confidence is None else self.confidence[:n]
+        return Proposal(self.token_ids[:n], self.probs[:n], conf)
+
     @classmethod
     def empty(cls, vocab_size: int, device="cpu") -> Proposal:
         return cls(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab_size, device=device))
