@@ -261,3 +261,14 @@ def test_make_generator_without_seed_draws_from_the_global_rng():
     c = torch.rand(8, generator=make_generator(None))
     assert torch.equal(a, b)
     assert not torch.equal(b, c)
+
+
+def test_consecutive_seeds_and_streams_give_unrelated_generators():
+    from dspark.sampling import DRAFT_STREAM
+
+    firsts = [float(torch.rand(1, generator=make_generator(s))) for s in range(2000)]
+    drafts = [float(torch.rand(1, generator=make_generator(s, stream=DRAFT_STREAM))) for s in range(2000)]
+    x, y = torch.tensor(firsts), torch.tensor(drafts)
+    assert abs(float(torch.corrcoef(torch.stack([x[1:], x[:-1]]))[0, 1])) < 0.1  # neighbouring seeds
+    assert abs(float(torch.corrcoef(torch.stack([x[1:], y[:-1]]))[0, 1])) < 0.1  # draft s vs verifier s+1
+    assert firsts != drafts

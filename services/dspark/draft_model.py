@@ -11,7 +11,7 @@ import torch
 
 from dspark.engine import QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal
-from dspark.sampling import draw, logits_to_probs, make_generator
+from dspark.sampling import DRAFT_STREAM, draw, logits_to_probs, make_generator
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -40,11 +40,7 @@ class DraftModelProposer:
         if r.request_id not in self._cached:
             self.engine.add(r.request_id)
             self._cached[r.request_id] = []
-            # a stream apart from every verifier stream: seed + 1 would replay the next request's seed
-            seed = (
-                None if r.params.seed is None else (r.params.seed * 6364136223846793005 + 1442695040888963407) % 2**63
-            )
-            self._rng[r.request_id] = make_generator(seed, self.engine.device)
+            self._rng[r.request_id] = make_generator(r.params.seed, self.engine.device, stream=DRAFT_STREAM)
         keep = min(common_prefix(self._cached[r.request_id], r.token_ids), len(r.token_ids) - 1)
         self.engine.truncate(r.request_id, keep)
         self._cached[r.request_id] = r.token_ids[:keep]

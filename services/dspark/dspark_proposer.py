@@ -8,7 +8,7 @@ import torch
 
 from dspark.drafter import ContextKV, DSparkDrafter
 from dspark.proposer import DraftRequest, Proposal
-from dspark.sampling import make_generator
+from dspark.sampling import DRAFT_STREAM, make_generator
 
 
 class DSparkProposer:
@@ -29,8 +29,7 @@ class DSparkProposer:
     @torch.no_grad()
     def _absorb(self, r: DraftRequest) -> None:
         if r.request_id not in self._rng:
-            seed = None if r.params.seed is None else (r.params.seed * 6364136223846793005 + 1) % 2**63
-            self._rng[r.request_id] = make_generator(seed, self.device)
+            self._rng[r.request_id] = make_generator(r.params.seed, self.device, stream=DRAFT_STREAM)
         if r.features is None or not len(r.features):
             return
         old = self._ctx.get(r.request_id)

@@ -83,7 +83,23 @@ def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator
     return probs.argmax(-1) if params.greedy else sample(probs, generator)
 
 
-def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+_MASK64 = (1 << 64) - 1
+DRAFT_STREAM = 1  # the drafter's generator for a request; the verifier's is stream 0
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu", stream: int = 0) -> torch.Generator:
+    """A per-request generator. The user's seed is hashed (splitmix64) together with a stream number, so requests
+    with consecutive seeds get unrelated streams, and a request's verifier (stream 0) and drafter (stream 1) never
+    share one."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    g.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ stream) >> 1)
     return g
