@@ -48,6 +48,16 @@ def tiny_model(arch: str = "llama", vocab: int = 32, seed: int = 0, layers: int 
     return model.eval().requires_grad_(False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread (two OpenMP threads on a busy two-core box can crawl);
+    the previous thread count comes back when the module is done."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """(model, tokenizer) of the real default target, fp32 on CPU (converted once into DSPARK_HOME)."""

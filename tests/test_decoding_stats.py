@@ -27,13 +27,7 @@ N_REQUESTS = 6000
 P_MIN = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and two OpenMP threads on a busy two-core box can be
-    orders of magnitude slower; EngineConfig(threads=1) sets it process-wide, so restore it after."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_llama(seed: int, hidden: int, layers: int, heads: int, kv_heads: int) -> LlamaForCausalLM:

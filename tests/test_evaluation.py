@@ -33,8 +33,7 @@ KEYS = {"tau", "rounds", "requests", "acceptance_by_position", "ece_before", "ec
 
 
 @pytest.fixture(scope="module")
-def target():
-    torch.set_num_threads(1)
+def target(one_thread):
     return tiny_model("llama", vocab=V)
 
 

@@ -18,13 +18,7 @@ LAYERS = (0, 1, 2)
 KNEE = SpsTable(tuple(range(1, 257)), tuple(100.0 * min(1.0, 24 / b) for b in range(1, 257)))  # free to B=24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two OpenMP threads on a busy two-core box can crawl)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

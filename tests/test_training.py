@@ -38,8 +38,7 @@ def small(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def target():
-    torch.set_num_threads(1)
+def target(one_thread):
     return tiny_model("llama", vocab=V)
 
 
