@@ -122,10 +122,12 @@ def test_recorded_confidences_match_the_proposals(target, drafter, prompts):
     sp = SamplingParams(temperature=1.0, max_tokens=17, seed=5, ignore_eos=True)
     completions = dec.generate(prompts, sp)
     temps = drafter.conf_temperature.cpu()
+    assert proposer.records and all(c.stats.drafted > 0 for c in completions)
     for recs in proposer.records.values():
         for rec in recs:
-            k = len(rec.conf_logits)
-            torch.testing.assert_close(torch.sigmoid(rec.conf_logits / temps[:k]), rec.confidence)
+            k = len(rec.raw)
+            logit = rec.raw.log() - (-rec.raw).log1p()
+            torch.testing.assert_close(torch.sigmoid(logit / temps[:k]), rec.confidence)
     for c in completions:
         rounds = proposer.rounds(c)
         assert sum(r.accepted for r in rounds) == c.stats.accepted

@@ -7,7 +7,7 @@ per-position ECE and ROC-AUC of the confidence head before calibration (raw sigm
 after it (with the STS temperatures), and a confidence-threshold sweep (paper Fig. 5): each draft truncated at the
 first position whose cumulative confidence falls below t.
 
-The layers: `RecordingProposer` wraps a DSparkProposer and keeps every proposal's confidence logits;
+The layers: `RecordingProposer` wraps a DSparkProposer and keeps every proposal's confidences, raw and calibrated;
 `evaluate_prompts` decodes pre-tokenized prompts and turns the records into metrics (no tokenizer needed);
 `run_eval` is the thin CLI layer (model, tokenizer, drafter, datasets, output).
 """
@@ -39,15 +39,15 @@ JSON_NAME = "eval.json"
 @dataclass
 class ProposalRecord:
     history_len: int  # len(DraftRequest.token_ids): prompt + output up to and including the anchor
-    conf_logits: torch.Tensor  # (k,) float32 on CPU: the confidence head's logits before the STS temperatures
+    raw: torch.Tensor  # (k,) float32 on CPU: the confidence before the STS temperatures
     confidence: torch.Tensor  # (k,) the proposal's (calibrated) confidence
 
 
 @dataclass
 class Round:
     accepted: int  # drafts that survived verification
-    raw: torch.Tensor  # (k,) sigmoid(conf_logits): confidence before calibration
-    calibrated: torch.Tensor  # (k,) sigmoid(conf_logits / T_k): after STS
+    raw: torch.Tensor  # (k,) confidence before calibration
+    calibrated: torch.Tensor  # (k,) after STS: what the proposal reported
 
     @property
     def drafted(self) -> int:
@@ -73,8 +73,8 @@ class RecordingProposer:
         for r, p in zip(requests, proposals):
             conf = p.confidence.detach().float().cpu() if p.confidence is not None else torch.zeros(0)
             c = conf.clamp(1e-7, 1 - 1e-7)
-            logits = temps[: len(c)] * (c.log() - (-c).log1p())  # undo STS: conf = sigmoid(logit / T_k)
-            self.records.setdefault(r.request_id, []).append(ProposalRecord(len(r.token_ids), logits, conf))
+            raw = torch.sigmoid(temps[: len(c)] * (c.log() - (-c).log1p()))  # undo STS: conf = sigmoid(logit / T_k)
+            self.records.setdefault(r.request_id, []).append(ProposalRecord(len(r.token_ids), raw, conf))
         return proposals
 
     def release(self, request_id: str) -> None:
@@ -85,21 +85,18 @@ class RecordingProposer:
         A proposal's acceptance shows in the next history: anchor + accepted drafts + one new token. The last one's
         is what the request's stats hold beyond the others (a round the proposer never saw drafted nothing)."""
         recs = self.records.pop(c.request_id, [])
-        temps = self.drafter.conf_temperature.detach().float().cpu()
         accepted = [b.history_len - a.history_len - 1 for a, b in zip(recs, recs[1:])]
         if recs:
             accepted.append(c.stats.accepted - sum(accepted))
         out = []
         for rec, acc in zip(recs, accepted):
-            k = len(rec.conf_logits)
+            k = len(rec.raw)
             if not 0 <= acc <= k:
                 raise RuntimeError(
                     f"request {c.request_id}: {acc} of {k} drafts accepted; the records are inconsistent"
                 )
             if k:
-                raw = torch.sigmoid(rec.conf_logits)
-                cal = torch.sigmoid(rec.conf_logits / temps[:k])
-                out.append(Round(acc, raw, cal))
+                out.append(Round(acc, rec.raw, rec.confidence))
         return out
 
 
