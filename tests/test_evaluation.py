@@ -14,13 +14,13 @@ from dspark.engine import TargetEngine
 from dspark.evaluation import (
     THRESHOLDS,
     Round,
-    default_drafter_path,
     evaluate_prompts,
     format_table,
     roc_auc,
     threshold_sweep,
     write_outputs,
 )
+from dspark.runtime import default_drafter_path
 from dspark.sampling import SamplingParams
 from dspark.training import load_trained_drafter, save_trained_drafter, target_fingerprint
 

@@ -34,7 +34,7 @@ def decoder(model, policy, max_requests=16, threshold=0.5):
     return Decoder(engine, DSparkProposer(drafter), num_draft=4, policy=policy, sps=KNEE, threshold=threshold)
 
 
-@pytest.mark.parametrize("policy", ["dspark", "threshold", "fixed", "autoregressive"])
+@pytest.mark.parametrize("policy", ["dspark", "dspark-async", "threshold", "fixed", "autoregressive"])
 def test_greedy_is_exact_under_every_policy(target_model, policy):
     prompts = [[3, 4, 5], [6], [7, 1, 2, 3], [4, 4]]
     sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
@@ -47,9 +47,10 @@ def test_greedy_is_exact_under_every_policy(target_model, policy):
     assert (scheduled == 0) == (policy == "autoregressive")
 
 
-def test_dspark_policy_prunes_under_load_and_keeps_the_target_distribution(target_model):
+@pytest.mark.parametrize("policy", ["dspark", "dspark-async"])
+def test_dspark_policy_prunes_under_load_and_keeps_the_target_distribution(target_model, policy):
     n, max_tokens = 3000, 4
-    dec = decoder(target_model, "dspark")
+    dec = decoder(target_model, policy)
     params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=i) for i in range(n)]
     prompt = [3, 4, 5]
     done = dec.generate([prompt] * n, params)
@@ -62,6 +63,28 @@ def test_dspark_policy_prunes_under_load_and_keeps_the_target_distribution(targe
         pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
         assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
     assert V == target_model.config.vocab_size
+
+
+def test_policy_is_overridable_per_request(target_model):
+    prompts = [[3, 4, 5], [6], [7, 1, 2, 3], [4, 4]]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    plain = Decoder(TargetEngine(EngineConfig(max_requests=4, max_context=24), model=target_model)).generate(
+        prompts, sp
+    )
+    dec = decoder(target_model, "dspark", max_requests=4)
+    ids = [dec.add_request(p, sp, policy=pol) for p, pol in zip(prompts, ["autoregressive", "fixed", None, "fixed"])]
+    done = {}
+    while dec.has_work:
+        done.update((c.request_id, c) for c in dec.step())
+    out = [done[i] for i in ids]
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    assert out[0].stats.drafted == 0 and out[0].stats.scheduled == 0
+    assert out[1].stats.scheduled == out[1].stats.drafted > 0  # fixed: every draft verified
+    with pytest.raises(ValueError, match="unknown policy"):
+        dec.add_request([1], sp, policy="eager")
+    plain_dec = Decoder(TargetEngine(EngineConfig(max_requests=1, max_context=24), model=target_model))
+    with pytest.raises(ValueError, match="SPS"):
+        plain_dec.add_request([1], sp, policy="dspark-async")
 
 
 def test_policy_needs_confidences_and_a_table(target_model):

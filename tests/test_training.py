@@ -77,10 +77,10 @@ def test_loss_goes_down_and_outputs_written(run):
         assert (run.out_dir / name).is_file(), name
     log = json.loads((run.out_dir / LOG).read_text())
     cal = log["calibration"]
-    assert cal["blocks"] > 0 and 1.0 <= cal["tau"] <= 5.0 and len(cal["sts_temperatures"]) == 4
+    assert cal["blocks"] > 0 and 1.0 <= cal["tau"] <= 5.0 and len(cal["temperatures"]) == 4
     assert (run.out_dir / PLOT).read_bytes()[:4] == b"\x89PNG"
     temps = run.drafter.conf_temperature.tolist()
-    assert temps == pytest.approx(cal["sts_temperatures"], rel=1e-3)
+    assert temps == pytest.approx(cal["temperatures"], rel=1e-3)
 
 
 def test_saved_drafter_loads_back_identically(run, target):

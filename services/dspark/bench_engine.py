@@ -12,40 +12,20 @@ from pathlib import Path
 
 import torch
 
+from dspark import sps_profile
 from dspark.decoding import Decoder
-from dspark.engine import QueryBlock, TargetEngine
+from dspark.engine import TargetEngine
 from dspark.eval_data import EVAL_SETS, first_turns
 from dspark.prompt import encode_prompt
 from dspark.runtime import build_decoder, build_proposer
 from dspark.sampling import SamplingParams
 
-BLOCK = 8  # query tokens per request in the SPS sweep: anchor + 7 drafts, the paper's gamma
+SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-def sps_curve(engine: TargetEngine, max_b: int, context: int = 128, repeats: int = 5) -> list[dict]:
-    """Median forward time for B query tokens spread over ceil(B / 8) requests with `context` cached tokens."""
-    rows = []
-    bs = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_b]
-    n_req = math.ceil(max(bs) / BLOCK)
-    for i in range(n_req):
-        engine.add(f"sps{i}")
-        engine.prefill(f"sps{i}", [(7 * i + j) % 1000 + 100 for j in range(context)])
-    for b in bs:
-        blocks = [QueryBlock(f"sps{i}", [42] * min(BLOCK, b - i * BLOCK)) for i in range(math.ceil(b / BLOCK))]
-        engine.forward(blocks)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            engine.forward(blocks)
-            times.append(time.perf_counter() - t)
-        step = statistics.median(times)
-        rows.append(
-            {"B": b, "requests": len(blocks), "step_ms": 1000 * step, "sps": 1 / step, "tokens_per_s": b / step}
-        )
-        print(f"  B={b:4d} requests={len(blocks):3d} step={1000 * step:8.1f} ms  SPS={1 / step:7.2f}", flush=True)
-    for i in range(n_req):
-        engine.release(f"sps{i}")
-    return rows
+def sps_curve(engine: TargetEngine, max_b: int) -> list[dict]:
+    rows = sps_profile.measure(engine, [b for b in SIZES if b <= max_b], repeats=5, log=lambda m: print(m, flush=True))
+    return [{**r, "tokens_per_s": r["B"] * r["sps"]} for r in rows]
 
 
 def hf_generate_tokens_per_s(model, ids: list[int], n: int) -> float:
@@ -64,7 +44,7 @@ def decoder_tokens_per_s(dec, ids: list[int], n: int) -> tuple[float, float]:
 
 
 def run(config, a) -> dict:
-    config = replace(config, max_requests=max(config.max_requests, math.ceil(a.max_b / BLOCK)))
+    config = replace(config, max_requests=max(config.max_requests, math.ceil(a.max_b / sps_profile.BLOCK)))
     plain = build_decoder(config)
     engine = plain.engine
     print(

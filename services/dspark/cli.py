@@ -8,6 +8,7 @@ import random
 import sys
 
 from dspark.registry import DEFAULT_MODEL, REGISTRY
+from dspark.scheduler import POLICIES
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -34,10 +35,20 @@ def _engine_config(a):
 
 def cmd_generate(a) -> int:
     from dspark.prompt import encode_prompt
-    from dspark.runtime import build_decoder
+    from dspark.runtime import build_decoder, build_dspark_decoder
     from dspark.sampling import SamplingParams
 
-    dec = build_decoder(_engine_config(a), draft_model=a.draft, num_draft=a.num_draft)
+    if a.draft is not None:  # an independent draft LM: no confidences, so fixed-length verification
+        if a.policy not in ("fixed", "autoregressive"):
+            raise SystemExit(f"--draft LM has no confidence head: use --policy fixed, not {a.policy}")
+        dec = build_decoder(_engine_config(a), draft_model=a.draft, num_draft=a.num_draft or 4, policy=a.policy)
+    elif a.policy == "autoregressive":
+        dec = build_decoder(_engine_config(a))
+    else:
+        log = (lambda m: print(m, file=sys.stderr)) if a.json else print
+        dec = build_dspark_decoder(
+            _engine_config(a), a.drafter, a.policy, a.sps_profile, a.threshold, a.num_draft, log=log
+        )
     tok = dec.engine.tokenizer
     ids = encode_prompt(tok, a.prompt)
     params = [
@@ -88,6 +99,33 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_profile(a) -> int:
+    import math
+    from dataclasses import replace
+    from pathlib import Path
+
+    from dspark import sps_profile
+    from dspark.engine import TargetEngine
+
+    config = replace(_engine_config(a), max_requests=math.ceil(a.max_b / sps_profile.BLOCK))
+    engine = TargetEngine(config)
+    key = sps_profile.ProfileKey.of(engine)
+    sizes = sps_profile.quick_sizes(a.max_b) if a.quick else sps_profile.full_sizes(a.max_b)
+    print(f"dspark profile: {key}, {len(sizes)} batch sizes up to B={a.max_b}, context {a.context}", flush=True)
+    rows = sps_profile.measure(engine, sizes, a.context, a.repeats, log=lambda m: print(m, flush=True))
+    path = Path(a.out) if a.out else sps_profile.default_path(key)
+    sps_profile.save(path, key, rows, a.context, "quick" if a.quick else "full")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def cmd_bench_policies(a) -> int:
+    from dspark.bench_policies import run
+
+    run(a, _engine_config(a))
+    return 0
+
+
 def cmd_bench_engine(a) -> int:
     from dspark.bench_engine import run
 
@@ -131,12 +169,15 @@ def cmd_train(a) -> int:
     from dspark.training import TrainConfig, train
 
     overrides = {}
-    for key in ("model", "device", "dtype", "steps", "sequential_head", "threads"):
+    for key in ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     cfg = TrainConfig.preset(a.config, **overrides)
     out = Path(a.out) if a.out else dspark_home() / "drafters" / f"{Path(cfg.model).name}-{a.config}"
-    r = train(cfg, a.data, out, resume=a.resume)
+    r = train(cfg, a.data, out, resume=a.resume, stop_after=a.stop_after)
+    if r.step < cfg.steps:
+        print(f"stopped after step {r.step} of {cfg.steps}; continue with --resume")
+        return 0
     cal = r.log.get("calibration") or {}
     ev = r.log["eval"][-1] if r.log["eval"] else {}
     print(
@@ -163,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("generate", help="generate text in this process")
     _engine_args(g)
     g.add_argument("--local", action="store_true", help="run in this process (the only mode so far)")
-    g.add_argument("--draft", default=None, help="independent draft LM (registry name, or 'self'); default: plain")
-    g.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (gamma)")
+    g.add_argument("--policy", default="dspark", choices=POLICIES, help="verification policy (default: dspark)")
+    g.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
+    g.add_argument("--draft", default=None, help="an independent draft LM instead (registry name, or 'self')")
+    g.add_argument("--num-draft", type=int, default=None, help="draft tokens per round (default: drafter's gamma)")
+    g.add_argument("--threshold", type=float, default=0.5, help="survival threshold of the threshold policy")
+    g.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model/device)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -189,6 +234,30 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default="bench-results/engine.json")
     b.set_defaults(fn=cmd_bench_engine)
 
+    pr = sub.add_parser("profile", help="measure the verifier's steps/s SPS(B) for B = 1..B_max; save JSON + PNG")
+    _engine_args(pr)
+    pr.add_argument("--max-b", type=int, default=256, help="largest total query tokens per forward")
+    pr.add_argument("--quick", action="store_true", help="every B to 16, then ~12%% apart (what start-up does)")
+    pr.add_argument("--context", type=int, default=128, help="cached tokens per request")
+    pr.add_argument("--repeats", type=int, default=3, help="timed forwards per B (the median is kept)")
+    pr.add_argument("--out", default=None, help="JSON path (default: $DSPARK_HOME/profiles/, where serving looks)")
+    pr.set_defaults(fn=cmd_profile)
+
+    bp = sub.add_parser("bench-policies", help="every verification policy over a concurrency sweep (JSON + PNGs)")
+    _engine_args(bp)
+    bp.set_defaults(max_requests=32)
+    bp.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
+    bp.add_argument("--policies", nargs="+", default=["autoregressive", "fixed", "threshold", "dspark", "dspark-async"])
+    bp.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    bp.add_argument("--requests-per-level", type=int, default=None, help="default: max(4, 2 x concurrency)")
+    bp.add_argument("--max-tokens", type=int, default=64)
+    bp.add_argument("--max-prompt", type=int, default=256, help="prompts keep their last N tokens")
+    bp.add_argument("--temperature", type=float, default=1.0)
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model/device)")
+    bp.add_argument("--out", default="bench-results/policies")
+    bp.set_defaults(fn=cmd_bench_policies)
+
     d = sub.add_parser("data", help="regenerate drafter training responses with the target (resumable)")
     _engine_args(d)
     d.add_argument("--files", nargs="*", default=None, help="prompt JSONL files (default: the shipped train sets)")
@@ -207,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")
     t.add_argument("--sequential-head", default=None, choices=["markov", "rnn", "none"], help="'none': ablation")
+    t.add_argument("--markov-rank", type=int, default=None, help="rank r of the Markov head (default: the preset's)")
+    t.add_argument("--max-examples", type=int, default=None, help="use the first N examples of --data")
+    t.add_argument("--stop-after", type=int, default=None, help="end this run after N steps (resume later)")
     t.add_argument("--model", default=None, help="target (default: the preset's, the default model)")
     t.add_argument("--device", default=None, help="torch device (default: the preset's)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")

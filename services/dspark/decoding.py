@@ -18,7 +18,7 @@ import torch
 from dspark.engine import ContextLengthError, QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal, Proposer
 from dspark.sampling import SamplingParams, draw, logits_to_probs, make_generator
-from dspark.scheduler import POLICIES, SpsTable, schedule
+from dspark.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, schedule
 from dspark.verification import verify
 
 
@@ -60,6 +60,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     rng: torch.Generator
+    policy: str
     output: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     new_features: list[torch.Tensor] = field(default_factory=list)  # committed, not yet sent to the proposer
@@ -86,14 +87,13 @@ class Decoder:
         sps: SpsTable | None = None,
         threshold: float = 0.5,
     ):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        if policy == "dspark" and sps is None:
-            raise ValueError("the dspark policy needs the verifier's SPS table")
         self.engine = engine
         self.proposer = proposer
-        self.num_draft = num_draft if proposer is not None and policy != "autoregressive" else 0
-        self.policy, self.sps, self.threshold = policy, sps, threshold
+        self.num_draft = num_draft if proposer is not None else 0
+        self.sps, self.threshold = sps, threshold
+        self.policy = self._check_policy(policy)
+        # dspark-async: the batch capacities computed from the last two rounds' confidences (oldest first)
+        self._capacities: collections.deque[int | None] = collections.deque([None, None], maxlen=2)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -102,7 +102,18 @@ class Decoder:
 
     # -- requests ---------------------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def _check_policy(self, policy: str) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy in NEEDS_SPS and self.sps is None:
+            raise ValueError(f"the {policy} policy needs the verifier's SPS table")
+        return policy
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, policy: str | None = None
+    ) -> str:
+        """Queue a request; `policy` overrides the decoder's verification policy for this request only."""
+        policy = self.policy if policy is None else self._check_policy(policy)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.engine.config.max_context:
@@ -116,7 +127,8 @@ class Decoder:
         if rid in self._ids_in_use:
             raise ValueError(f"request id {rid!r} is already in use")
         self._ids_in_use.add(rid)
-        self._waiting.append(_Request(rid, list(prompt_ids), params, make_generator(params.seed, self.engine.device)))
+        rng = make_generator(params.seed, self.engine.device)
+        self._waiting.append(_Request(rid, list(prompt_ids), params, rng, policy))
         return rid
 
     def abort(self, request_id: str) -> Completion | None:
@@ -142,7 +154,7 @@ class Decoder:
             return finished
         ks = [self._budget(r) for r in batch]
         drafted = self._propose(batch, ks)
-        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(drafted))]
+        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, drafted))]
         outs = self.engine.forward(
             [QueryBlock(r.request_id, [r.anchor] + p.token_ids.tolist()) for r, p in zip(batch, proposals)]
         )
@@ -164,10 +176,12 @@ class Decoder:
         self._running = still
         return finished
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], policy: str | None = None
+    ) -> list[Completion]:
         """Run prompts to completion (continuous batching when there are more than engine slots)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids = [self.add_request(p, sp, policy=policy) for p, sp in zip(prompts, plist)]
         done: dict[str, Completion] = {}
         while self.has_work:
             for c in self.step():
@@ -197,7 +211,8 @@ class Decoder:
         """Draft tokens worth verifying: never past max_tokens or the context."""
         room_tokens = r.params.max_tokens - len(r.output) - 1
         room_context = self.engine.config.max_context - self.engine.length(r.request_id) - 1
-        return max(0, min(self.num_draft, room_tokens, room_context))
+        k = 0 if r.policy == "autoregressive" else self.num_draft
+        return max(0, min(k, room_tokens, room_context))
 
     def _propose(self, batch: list[_Request], ks: list[int]) -> list[Proposal]:
         empty = Proposal.empty(self.engine.vocab_size, self.engine.device)
@@ -209,14 +224,24 @@ class Decoder:
         ]
         return self.proposer.propose(reqs)
 
-    def _schedule(self, proposals: list[Proposal]) -> list[int]:
-        """Verification budget per request: how much of each proposal the target checks this round."""
-        if self.policy == "fixed" or not any(len(p.token_ids) for p in proposals):
+    def _schedule(self, batch: list[_Request], proposals: list[Proposal]) -> list[int]:
+        """Verification budget per request: how much of each proposal the target checks this round. The load is
+        this engine's whole batch, priced with this engine's own SPS table."""
+        policies = [r.policy for r in batch]
+        if all(p == "fixed" for p in policies) or not any(len(p.token_ids) for p in proposals):
             return [len(p.token_ids) for p in proposals]
-        if any(p.confidence is None for p in proposals if len(p.token_ids)):
-            raise ValueError(f"the {self.policy} policy needs a proposer that reports confidences")
-        conf = [[] if p.confidence is None else p.confidence.tolist() for p in proposals]
-        return schedule(self.policy, conf, self.sps, self.threshold)
+        conf = []
+        for r, p in zip(batch, proposals):
+            if p.confidence is not None:
+                conf.append(p.confidence.tolist())
+            elif r.policy == "fixed" or not len(p.token_ids):
+                conf.append([1.0] * len(p.token_ids))  # no estimate: counted as surviving in the others' Theta
+            else:
+                raise ValueError(f"the {r.policy} policy needs a proposer that reports confidences")
+        capacity = self._capacities[0]
+        if "dspark-async" in policies:  # two rounds on, this round's confidences size that round's batch
+            self._capacities.append(batch_capacity(conf, self.sps))
+        return schedule(policies, conf, self.sps, self.threshold, capacity)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""

@@ -546,3 +546,37 @@ def fit_sts_temperatures(
         temps.append(t)
         prefix = prefix * torch.sigmoid(conf_logits[:, k] / t)
     return torch.tensor(temps)
+
+
+def prefix_ece(conf_logits: torch.Tensor, accepted: torch.Tensor, temps: torch.Tensor, n_bins: int = 15) -> float:
+    """Mean over positions k of the ECE of prod_{i<=k} sigmoid(l_i / T_i) against 1[accepted > k]."""
+    prefix = torch.sigmoid(conf_logits / temps.to(conf_logits)).cumprod(-1)  # (N, K)
+    errs = [expected_calibration_error(prefix[:, k], (accepted > k).float(), n_bins) for k in range(prefix.shape[1])]
+    return float(sum(errs) / len(errs))
+
+
+def fit_joint_temperatures(
+    conf_logits: torch.Tensor,
+    accepted: torch.Tensor,
+    grid: torch.Tensor | None = None,
+    n_bins: int = 15,
+    sweeps: int = 4,
+) -> torch.Tensor:
+    """All per-position temperatures fit together: coordinate descent on the mean prefix ECE over every position
+    (a temperature at position k moves the prefix estimates of all positions >= k, which the left-to-right STS fit
+    ignores). Starts from T = 1; each sweep revisits every position; stops when a sweep changes nothing."""
+    grid = torch.logspace(-1, 1, 41) if grid is None else grid
+    temps = torch.ones(conf_logits.shape[1])
+    best = prefix_ece(conf_logits, accepted, temps, n_bins)
+    for _ in range(sweeps):
+        changed = False
+        for k in range(len(temps)):
+            for t in grid:
+                trial = temps.clone()
+                trial[k] = t
+                err = prefix_ece(conf_logits, accepted, trial, n_bins)
+                if err < best - 1e-9:
+                    best, temps, changed = err, trial, True
+        if not changed:
+            break
+    return temps

@@ -28,7 +28,6 @@ from dspark.engine import TargetEngine
 from dspark.proposer import DraftRequest, Proposal
 from dspark.sampling import SamplingParams
 
-SHIPPED_DRAFTERS = Path(__file__).parent / "data" / "drafters"
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 JSON_NAME = "eval.json"
 
@@ -218,16 +217,6 @@ def evaluate_prompts(
 # -- CLI layer -------------------------------------------------------------------------------------------------
 
 
-def default_drafter_path(model: str) -> Path:
-    path = SHIPPED_DRAFTERS / Path(model).name
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"no shipped drafter for {model!r} (looked in {path}); train one with `dspark train` and pass its "
-            "output folder with --drafter"
-        )
-    return path
-
-
 def dataset_name(name_or_path: str) -> str:
     p = Path(name_or_path)
     return p.stem if p.suffix == ".jsonl" else name_or_path
@@ -239,6 +228,7 @@ def run_eval(a, out=sys.stdout) -> dict:
     from dspark.eval_data import first_turns
     from dspark.model_store import load_model
     from dspark.prompt import encode_prompt, eos_token_ids
+    from dspark.runtime import default_drafter_path
     from dspark.training import load_trained_drafter
 
     if a.threads:
@@ -269,7 +259,7 @@ def run_eval(a, out=sys.stdout) -> dict:
         "gamma": a.gamma if a.gamma is not None else drafter.config.gamma,
         "temperature": a.temperature,
         "max_tokens": a.max_tokens,
-        "sts_temperatures": [round(float(t), 4) for t in drafter.conf_temperature],
+        "confidence_temperatures": [round(float(t), 4) for t in drafter.conf_temperature],
         "datasets": {},
     }
     for name, turns in datasets.items():

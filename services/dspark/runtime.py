@@ -1,14 +1,30 @@
-"""Builds a ready Decoder from an EngineConfig: the target engine, its tokenizer and a proposer."""
+"""Builds a ready Decoder from an EngineConfig: the target engine, its tokenizer, a proposer and, for the
+confidence-scheduled policies, the engine's SPS cost table."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from dspark.config import EngineConfig
 from dspark.decoding import Decoder
 from dspark.draft_model import DraftModelProposer
 from dspark.engine import TargetEngine
 from dspark.prompt import eos_token_ids
+from dspark.scheduler import POLICIES
+
+SHIPPED_DRAFTERS = Path(__file__).parent / "data" / "drafters"
+
+
+def default_drafter_path(model: str) -> Path:
+    """The drafter shipped in this package for a registry model."""
+    path = SHIPPED_DRAFTERS / Path(model).name
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"no shipped drafter for {model!r} (looked in {path}); train one with `dspark train` and pass its "
+            "output folder with --drafter"
+        )
+    return path
 
 
 def build_proposer(config: EngineConfig, target: TargetEngine, draft_model: str) -> DraftModelProposer:
@@ -22,8 +38,44 @@ def build_proposer(config: EngineConfig, target: TargetEngine, draft_model: str)
     return DraftModelProposer(draft, vocab_size=target.vocab_size)
 
 
-def build_decoder(config: EngineConfig, draft_model: str | None = None, num_draft: int = 4) -> Decoder:
-    """Plain decoding when draft_model is None, else speculative decoding with that draft LM."""
+def build_decoder(
+    config: EngineConfig, draft_model: str | None = None, num_draft: int = 4, policy: str = "fixed"
+) -> Decoder:
+    """Plain decoding when draft_model is None, else speculative decoding with that draft LM (no confidences:
+    fixed-length verification, or autoregressive)."""
     target = TargetEngine(config)
     proposer = None if draft_model is None else build_proposer(config, target, draft_model)
-    return Decoder(target, proposer, num_draft, eos_token_ids(target.model, target.tokenizer))
+    return Decoder(target, proposer, num_draft, eos_token_ids(target.model, target.tokenizer), policy=policy)
+
+
+def build_dspark_decoder(
+    config: EngineConfig,
+    drafter: str | Path | None = None,
+    policy: str = "dspark",
+    sps_profile_path: str | Path | None = None,
+    threshold: float = 0.5,
+    gamma: int | None = None,
+    log=print,
+) -> Decoder:
+    """DSpark: the target engine with a trained DSpark drafter (default: the one shipped for config.model), its
+    feature layers switched on, and the engine's SPS table (loaded, or quickly profiled when none matches)."""
+    from dspark import sps_profile
+    from dspark.dspark_proposer import DSparkProposer
+    from dspark.model_store import load_model
+    from dspark.training import load_trained_drafter
+
+    if policy not in POLICIES:  # before loading anything
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    path = Path(drafter) if drafter else default_drafter_path(config.model)
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    d = load_trained_drafter(path, model, tokenizer)
+    engine = TargetEngine(
+        replace(config, feature_layers=tuple(d.config.feature_layers)), model=model, tokenizer=tokenizer
+    )
+    sps = sps_profile.load_or_profile(engine, sps_profile_path, log=log)
+    k = d.config.gamma if gamma is None else gamma
+    if not 1 <= k <= d.config.gamma:
+        raise ValueError(f"gamma must be in 1..{d.config.gamma} (the drafter's block size)")
+    return Decoder(
+        engine, DSparkProposer(d), k, eos_token_ids(model, tokenizer), policy=policy, sps=sps, threshold=threshold
+    )

@@ -5,6 +5,16 @@ prefix survival a_{r,j} = prod_{i<=j} c_{r,i}, admit draft tokens in descending 
 throughput Theta = tau * SPS(B) improves, and stop at the first candidate that does not improve it. The early stop
 is what keeps verification lossless (Appendix A): whether token k is verified depends only on candidates ranked
 above it, never on tokens sampled after it.
+
+The `dspark-async` policy is the paper's §5.2 variant: the batch capacity (total query tokens) comes from an
+unconstrained search, without the early stop, over the confidences of a round two rounds old, and the current round
+admits the top-K fresh survival probabilities. The capacity cannot depend on the current round's tokens, and a
+token's rank among the fresh candidates depends only on its own prefix and on other requests, so admission stays
+non-anticipating (the same reason Algorithm 1's early stop gives).
+
+A round may mix policies (per-request overrides): requests on the static policies are fixed first, Algorithm 1 then
+runs over the `dspark` requests with those tokens already in the batch, and `dspark-async` requests share what is
+left of the capacity.
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-POLICIES = ("dspark", "fixed", "threshold", "autoregressive")
+POLICIES = ("dspark", "dspark-async", "fixed", "threshold", "autoregressive")
+NEEDS_SPS = ("dspark", "dspark-async")
 
 
 @dataclass(frozen=True)
@@ -47,23 +58,51 @@ def survival(confidences: Sequence[float]) -> list[float]:
     return out
 
 
-def prefix_schedule(confidences: Sequence[Sequence[float]], sps: SpsTable) -> list[int]:
-    """Algorithm 1. confidences[r] = c_{r,1..k_r} for request r; returns the prefix length l_r to verify."""
+def prefix_schedule(
+    confidences: Sequence[Sequence[float]], sps: SpsTable, base_tokens: int = 0, base_tau: float = 0.0
+) -> list[int]:
+    """Algorithm 1. confidences[r] = c_{r,1..k_r} for request r; returns the prefix length l_r to verify.
+    base_tokens / base_tau: query tokens and expected emitted tokens of other requests already in the batch."""
     R = len(confidences)
     if R == 0:
         return []
     surv = [survival(c) for c in confidences]
-    # stable sort: equal survival keeps (r, j) order, so a request's prefix is always admitted in order
-    cand = sorted(((a, r, j) for r, s in enumerate(surv) for j, a in enumerate(s, 1) if a > 0), key=lambda x: -x[0])
     lengths = [0] * R
-    B, tau = R, float(R)  # every request verifies its anchor and gets one token (recovered or bonus) for sure
+    # every request verifies its anchor and gets one token (recovered or bonus) for sure
+    B, tau = base_tokens + R, base_tau + R
     best = tau * sps(B)
-    for a, r, j in cand:
+    for a, r, j in _candidates(surv):
         B, tau = B + 1, tau + a
         theta = tau * sps(B)
         if theta <= best:
             break  # early stop: admission never looks past the first non-improvement (Appendix A)
         best, lengths[r] = theta, j
+    return lengths
+
+
+def _candidates(surv: list[list[float]]) -> list[tuple[float, int, int]]:
+    # stable sort: equal survival keeps (r, j) order, so a request's prefix is always admitted in order
+    return sorted(((a, r, j) for r, s in enumerate(surv) for j, a in enumerate(s, 1) if a > 0), key=lambda x: -x[0])
+
+
+def batch_capacity(confidences: Sequence[Sequence[float]], sps: SpsTable) -> int:
+    """dspark-async's capacity: the total query tokens B maximising Theta over every prefix of the survival-sorted
+    candidates, with no early stop (an unconstrained search; safe only on confidences from an earlier round)."""
+    R = len(confidences)
+    B, tau = R, float(R)
+    best, best_b = tau * sps(B), B
+    for a, _, _ in _candidates([survival(c) for c in confidences]):
+        B, tau = B + 1, tau + a
+        if tau * sps(B) > best:
+            best, best_b = tau * sps(B), B
+    return best_b
+
+
+def top_k_schedule(confidences: Sequence[Sequence[float]], k: int) -> list[int]:
+    """Admit the k candidates with the highest fresh survival a_{r,j}; the result is a prefix per request."""
+    lengths = [0] * len(confidences)
+    for _, r, j in _candidates([survival(c) for c in confidences])[: max(0, k)]:
+        lengths[r] = j
     return lengths
 
 
@@ -80,21 +119,46 @@ def threshold_schedule(confidences: Sequence[Sequence[float]], threshold: float)
     return out
 
 
+def expected_tokens(confidences: Sequence[float], length: int) -> float:
+    """Expected tokens a request emits when `length` drafts are verified: 1 + sum of their survival."""
+    return 1.0 + sum(survival(confidences)[:length])
+
+
 def schedule(
-    policy: str,
+    policy: str | Sequence[str],
     confidences: Sequence[Sequence[float]],
     sps: SpsTable | None = None,
     threshold: float = 0.5,
+    capacity: int | None = None,
 ) -> list[int]:
-    """Prefix lengths for one round under `policy`; each is between 0 and len(confidences[r])."""
-    if policy == "dspark":
-        if sps is None:
-            raise ValueError("the dspark policy needs the verifier's SPS table")
-        return prefix_schedule(confidences, sps)
-    if policy == "fixed":
-        return [len(c) for c in confidences]
-    if policy == "autoregressive":
-        return [0] * len(confidences)
-    if policy == "threshold":
-        return threshold_schedule(confidences, threshold)
-    raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    """Prefix lengths for one round; each is between 0 and len(confidences[r]). `policy` is one name for the whole
+    round or one per request. `capacity`: dspark-async's total query tokens for this round (from batch_capacity on
+    confidences two rounds old; None: no history yet, verify anchors only)."""
+    R = len(confidences)
+    policies = [policy] * R if isinstance(policy, str) else list(policy)
+    if len(policies) != R:
+        raise ValueError("one policy per request")
+    for p in set(policies):
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r}; choose one of {', '.join(POLICIES)}")
+        if p in NEEDS_SPS and sps is None:
+            raise ValueError(f"the {p} policy needs the verifier's SPS table")
+    lengths = [0] * R
+    for r, (p, c) in enumerate(zip(policies, confidences)):
+        if p == "fixed":
+            lengths[r] = len(c)
+        elif p == "threshold":
+            lengths[r] = threshold_schedule([c], threshold)[0]
+    static = [r for r, p in enumerate(policies) if p not in NEEDS_SPS]
+    base_tokens = sum(1 + lengths[r] for r in static)
+    base_tau = sum(expected_tokens(confidences[r], lengths[r]) for r in static)
+    dsp = [r for r, p in enumerate(policies) if p == "dspark"]
+    for r, n in zip(dsp, prefix_schedule([confidences[r] for r in dsp], sps, base_tokens, base_tau)):
+        lengths[r] = n
+    asy = [r for r, p in enumerate(policies) if p == "dspark-async"]
+    if asy:
+        used = base_tokens + sum(1 + lengths[r] for r in dsp) + len(asy)
+        k = 0 if capacity is None else capacity - used
+        for r, n in zip(asy, top_k_schedule([confidences[r] for r in asy], k)):
+            lengths[r] = n
+    return lengths

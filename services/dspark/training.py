@@ -35,10 +35,12 @@ step's ce, tv, conf, loss, per-position acceptance estimate and tau, the evals a
 curves), feature_cache/ (when cached), and at the end drafter.safetensors (the drafter's own weights only,
 drafter_state_dict(): the target's embedding and LM head are not in it)
 with drafter.json (its DrafterConfig, the target's name and fingerprint, training summary). The final
-confidences are calibrated by STS (fit_sts_temperatures) on held-out examples that training never saw: each held-out
-block is drafted with drafter.propose and verified against the target by real rejection sampling, and the
-per-position temperatures are fit to those accepted counts. load_trained_drafter refuses a drafter whose target
-fingerprint (hash of the target's architecture config and tokenizer vocabulary) differs from the target it is given.
+confidences are calibrated on held-out examples that training never saw: each held-out block is drafted with
+drafter.propose and verified against the target by real rejection sampling, and the per-position temperatures are fit
+to those accepted counts, by STS (fit_sts_temperatures, left to right) and jointly (fit_joint_temperatures); the
+method with the lower ECE on a half of the blocks it was not fit on is kept. load_trained_drafter refuses a drafter
+whose target fingerprint (hash of the target's architecture config and tokenizer vocabulary) differs from the target
+it is given.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ from dspark.drafter import (
     DrafterConfig,
     DSparkDrafter,
     block_labels,
-    expected_calibration_error,
+    fit_joint_temperatures,
     fit_sts_temperatures,
     gather_blocks,
+    prefix_ece,
     sample_anchors,
 )
 from dspark.drafter_loss import LossWeights, drafter_loss
@@ -102,6 +105,7 @@ class TrainConfig:
     gamma: int = 7
     sequential_head: str = "markov"  # "markov" | "rnn" | "none" (the ablation: pure parallel drafter)
     markov_rank: int = 256
+    weights_dtype: str = "float32"  # dtype of the saved drafter.safetensors (training itself is float32)
     # data
     max_seq_len: int = 256  # prompt + response tokens per example
     max_examples: int | None = None  # use the first N examples of the data file (None: all)
@@ -187,19 +191,20 @@ PRESETS: dict[str, TrainConfig] = {
     # lr 1e-3 (a small freshly initialised backbone under AdamW takes it), warmup 5% of the steps, cosine to 1e-4.
     "cpu-small": TrainConfig(
         n_layer=2,
-        markov_rank=256,
+        markov_rank=64,
+        weights_dtype="bfloat16",
         max_seq_len=256,
-        max_examples=1024,
+        max_examples=1536,
         anchors_per_seq=16,
         batch_size=4,
         lr=1e-3,
-        warmup=35,
-        steps=700,
+        warmup=60,
+        steps=1200,
         eval_every=100,
         eval_batches=2,
         checkpoint_every=100,
-        heldout_frac=0.03,
-        calib_blocks=192,
+        heldout_frac=0.04,
+        calib_blocks=320,
     ),
     # GPU: the paper's 5 draft layers, long windows, many anchors, bf16 autocast; the target forward is recomputed.
     # 8 x 64 anchors x 7 = 3584 supervised positions a step; with a 152k vocabulary each (rows, V) float32 tensor of
@@ -581,23 +586,29 @@ def calibrate(
                 accepted.append(verify(draft.tokens[i], draft.probs[i], tgt[i], dgen, greedy=params.greedy).accepted)
     conf_logits = torch.cat(conf_logits).float().cpu()
     acc = torch.tensor(accepted)
-    temps = fit_sts_temperatures(conf_logits, acc)
-
-    def ece(t):
-        prefix = torch.sigmoid(conf_logits / t).cumprod(-1)
-        return float(np.mean([expected_calibration_error(prefix[:, k], (acc > k).float()) for k in range(G)]))
-
+    # STS (left to right) and the joint fit, each fit on one half of the blocks and scored on the other; the better
+    # method on the held-out half is refit on all blocks and kept
+    fit, val = torch.arange(0, len(acc), 2), torch.arange(1, len(acc), 2)
+    fits = {"sts": fit_sts_temperatures, "joint": fit_joint_temperatures}
+    scored = {name: fn(conf_logits[fit], acc[fit]) for name, fn in fits.items()}
+    val_ece = {name: prefix_ece(conf_logits[val], acc[val], t) for name, t in scored.items()}
+    method = min(val_ece, key=val_ece.__getitem__)
+    temps = fits[method](conf_logits, acc)
     drafter.conf_temperature.copy_(temps.to(drafter.conf_temperature.device))
     drafter.train()
+    ones = torch.ones(G)
     return {
         "blocks": len(accepted),
         "temperature": cfg.calib_temperature,
         "mean_accepted": float(acc.float().mean()),
         "tau": 1.0 + float(acc.float().mean()),
         "accept_at_least": [float((acc > k).float().mean()) for k in range(G)],
-        "sts_temperatures": [round(float(t), 4) for t in temps],
-        "ece_before": ece(torch.ones(G)),
-        "ece_after": ece(temps),
+        "method": method,
+        "temperatures": [round(float(t), 4) for t in temps],
+        "heldout_half_ece": {"uncalibrated": prefix_ece(conf_logits[val], acc[val], ones), **val_ece},
+        "heldout_half_temperatures": {name: [round(float(t), 4) for t in ts] for name, ts in scored.items()},
+        "ece_before": prefix_ece(conf_logits, acc, ones),
+        "ece_after": prefix_ece(conf_logits, acc, temps),
     }
 
 
@@ -624,14 +635,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_trained_drafter(drafter: DSparkDrafter, out_dir, target_name: str, fingerprint: str, extra=None) -> Path:
-    """drafter.safetensors (the drafter's own weights, STS temperatures included) + drafter.json (its config and
-    the target it belongs to). Returns the weights' path."""
+def save_trained_drafter(
+    drafter: DSparkDrafter, out_dir, target_name: str, fingerprint: str, extra=None, dtype: str = "float32"
+) -> Path:
+    """drafter.safetensors (the drafter's own weights in `dtype`, the confidence temperatures in float32) +
+    drafter.json (its config and the target it belongs to). Returns the weights' path."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in drafter.drafter_state_dict().items()}
+    to = getattr(torch, dtype)
+    state = {
+        k: (v.to(to) if v.is_floating_point() and k != "conf_temperature" else v).detach().contiguous().cpu()
+        for k, v in drafter.drafter_state_dict().items()
+    }
     save_file(state, str(out / WEIGHTS), metadata={"format": "dspark-drafter", "target_fingerprint": fingerprint})
     meta = {
         "format_version": FORMAT_VERSION,
@@ -853,7 +870,7 @@ def train(
         "calibration": log["calibration"],
         "data": log["data"],
     }
-    save_trained_drafter(drafter, out, target_name, fingerprint, extra=summary)
+    save_trained_drafter(drafter, out, target_name, fingerprint, extra=summary, dtype=cfg.weights_dtype)
     (out / LOG).write_text(json.dumps(log))
     plot_losses(log, out / PLOT)
     return TrainResult(out, step, log, drafter)
