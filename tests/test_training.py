@@ -121,6 +121,12 @@ def test_resume_continues_exactly(target, data, tmp_path):
     first = train(cfg, data, tmp_path / "a", model=target, stop_after=10, progress=False)
     assert first.step == 10 and not (tmp_path / "a" / WEIGHTS).exists()
     assert torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["step"] == 10
+    # an unfinished run's checkpoint loads as a drafter (for evaluating it), checked against the target like a file
+    mid = load_trained_drafter(tmp_path / "a" / CHECKPOINT, target)
+    sm, sf = mid.drafter_state_dict(), first.drafter.drafter_state_dict()
+    assert all(torch.equal(sm[k], sf[k]) for k in sf)
+    with pytest.raises(TargetMismatchError):
+        load_trained_drafter(tmp_path / "a" / CHECKPOINT, tiny_model("llama", vocab=V, layers=3))
     with pytest.raises(ValueError, match="already holds"):
         train(cfg, data, tmp_path / "a", model=target, progress=False)
     with pytest.raises(ValueError, match="n_layer"):
@@ -142,9 +148,11 @@ def test_no_sequential_head_ablation_via_cli(target, data, tmp_path, monkeypatch
     monkeypatch.setitem(dspark.training.PRESETS, "tiny", small(eval_every=0, checkpoint_every=0))
     out = tmp_path / "ablation"
     args = ["train", "--data", str(data), "--config", "tiny", "--steps", "3", "--sequential-head", "none"]
+    args += ["--markov-rank", "4"]
     assert main([*args, "--out", str(out)]) == 0
     meta = json.loads((out / METADATA).read_text())
     assert meta["drafter_config"]["sequential_head"] == "none" and meta["steps"] == 3
+    assert meta["drafter_config"]["markov_rank"] == 4
     d = load_trained_drafter(out, target)
     assert d.seq is None and not any(k.startswith("seq.") for k in d.drafter_state_dict())
     assert d.confidence.in_features == d.config.hidden_size

@@ -661,17 +661,26 @@ def save_trained_drafter(
 
 
 def load_trained_drafter(path, target_model, tokenizer=None, device=None) -> DSparkDrafter:
-    """A drafter saved by `dspark train` (its output folder or its drafter.safetensors), bound to target_model's
-    embedding and LM head. Raises TargetMismatchError when it was trained for another target (architecture or
-    tokenizer vocabulary differ)."""
+    """A drafter saved by `dspark train` (its output folder, its drafter.safetensors, or a checkpoint.pt: an
+    unfinished run's drafter with uncalibrated confidences), bound to target_model's embedding and LM head. Raises
+    TargetMismatchError when it was trained for another target (architecture or tokenizer vocabulary differ)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    meta_path = folder / METADATA
-    if not meta_path.exists() or not (folder / WEIGHTS).exists():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS} + {METADATA}; is it a `dspark train` output?")
-    meta = json.loads(meta_path.read_text())
+    if path.suffix == ".pt":
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such checkpoint")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        meta = {"drafter_config": ckpt["drafter_config"], "target": {"model": ckpt["config"]["model"]}}
+        meta["target"]["fingerprint"] = ckpt["fingerprint"]
+        folder, state = path, ckpt["drafter"]
+    else:
+        folder = path if path.is_dir() else path.parent
+        meta_path = folder / METADATA
+        if not meta_path.exists() or not (folder / WEIGHTS).exists():
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS} + {METADATA}; is it a `dspark train` output?")
+        meta = json.loads(meta_path.read_text())
+        state = None
     want = meta["target"]["fingerprint"]
     got = target_fingerprint(target_model, tokenizer)
     if want != got:
@@ -683,7 +692,7 @@ def load_trained_drafter(path, target_model, tokenizer=None, device=None) -> DSp
     dc = meta["drafter_config"]
     config = DrafterConfig(**{**dc, "feature_layers": tuple(dc["feature_layers"])})
     drafter = DSparkDrafter(config, target_model.get_input_embeddings(), target_model.get_output_embeddings())
-    drafter.load_drafter_state_dict(load_file(str(folder / WEIGHTS)))
+    drafter.load_drafter_state_dict(state if state is not None else load_file(str(folder / WEIGHTS)))
     dev = device or next(target_model.parameters()).device
     return drafter.to(dev).eval()
 
