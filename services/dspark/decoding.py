@@ -4,7 +4,8 @@ Each round every running request sends its anchor token (the last token it emitt
 target's cache) followed by its draft block through one batched target forward; rejection sampling
 keeps a prefix of the block and emits one recovered or bonus token, which becomes the next anchor.
 With no proposer (or k = 0) the same loop is plain autoregressive decoding: the baseline.
-Requests join and leave between rounds.
+Requests join and leave between rounds. The loop sees the drafter only as a Proposer and the target only as a
+Verifier, in this process or behind gRPC; it holds every request's token history, the state both can be rebuilt from.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark.engine import ContextLengthError, QueryBlock, TargetEngine
+from dspark.engine import CapacityError, ContextLengthError, TargetEngine
 from dspark.proposer import DraftRequest, Proposal, Proposer
-from dspark.sampling import SamplingParams, draw, logits_to_probs, make_generator
+from dspark.sampling import SamplingParams
 from dspark.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, schedule
-from dspark.verification import verify
+from dspark.verifier import LocalVerifier, PrefillItem, Verifier, VerifyItem
 
 
 @dataclass
@@ -59,7 +60,6 @@ class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    rng: torch.Generator
     policy: str
     output: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
@@ -75,11 +75,16 @@ class _Request:
     def anchor(self) -> int:
         return self.output[-1]
 
+    @property
+    def committed(self) -> int:
+        """Tokens in the target's cache: every token but the anchor."""
+        return len(self.prompt_ids) + len(self.output) - 1
+
 
 class Decoder:
     def __init__(
         self,
-        engine: TargetEngine,
+        target: TargetEngine | Verifier,
         proposer: Proposer | None = None,
         num_draft: int = 0,
         eos_token_ids: tuple[int, ...] = (),
@@ -87,10 +92,14 @@ class Decoder:
         sps: SpsTable | None = None,
         threshold: float = 0.5,
     ):
-        self.engine = engine
+        if isinstance(target, TargetEngine):
+            self.engine: TargetEngine | None = target
+            self.verifier: Verifier = LocalVerifier(target, sps)
+        else:
+            self.engine, self.verifier = None, target
         self.proposer = proposer
         self.num_draft = num_draft if proposer is not None else 0
-        self.sps, self.threshold = sps, threshold
+        self.sps, self.threshold = (sps if sps is not None else self.verifier.sps), threshold
         self.policy = self._check_policy(policy)
         # dspark-async: the batch capacities computed from the last two rounds' confidences (oldest first)
         self._capacities: collections.deque[int | None] = collections.deque([None, None], maxlen=2)
@@ -116,19 +125,16 @@ class Decoder:
         policy = self.policy if policy is None else self._check_policy(policy)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.engine.config.max_context:
-            raise ContextLengthError(
-                f"prompt has {len(prompt_ids)} tokens; max_context is {self.engine.config.max_context}"
-            )
-        bad = [t for t in prompt_ids if not 0 <= t < self.engine.vocab_size]
+        if len(prompt_ids) >= self.verifier.max_context:
+            raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; max_context is {self.verifier.max_context}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.verifier.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of the vocabulary (0..{self.engine.vocab_size - 1}): {bad[:5]}")
+            raise ValueError(f"token ids out of the vocabulary (0..{self.verifier.vocab_size - 1}): {bad[:5]}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._ids_in_use:
             raise ValueError(f"request id {rid!r} is already in use")
         self._ids_in_use.add(rid)
-        rng = make_generator(params.seed, self.engine.device)
-        self._waiting.append(_Request(rid, list(prompt_ids), params, rng, policy))
+        self._waiting.append(_Request(rid, list(prompt_ids), params, policy))
         return rid
 
     def abort(self, request_id: str) -> Completion | None:
@@ -155,16 +161,13 @@ class Decoder:
         ks = [self._budget(r) for r in batch]
         drafted = self._propose(batch, ks)
         proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, drafted))]
-        outs = self.engine.forward(
-            [QueryBlock(r.request_id, [r.anchor] + p.token_ids.tolist()) for r, p in zip(batch, proposals)]
+        outs = self.verifier.verify(
+            [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
         )
         still = []
-        for r, d, p, o in zip(batch, drafted, proposals, outs):
-            target_probs = logits_to_probs(o.logits, r.params)  # (k+1, V)
-            v = verify(p.token_ids, p.probs, target_probs, r.rng, greedy=r.params.greedy)
-            self.engine.commit(r.request_id, 1 + v.accepted)  # anchor + accepted drafts
-            if o.features is not None:
-                r.new_features.append(o.features[: 1 + v.accepted])
+        for r, d, p, v in zip(batch, drafted, proposals, outs):
+            if v.features is not None:
+                r.new_features.append(v.features)
             r.stats.drafted += len(d.token_ids)
             r.stats.record(len(p.token_ids), v.accepted)
             reason = self._emit(r, v.tokens)
@@ -191,15 +194,21 @@ class Decoder:
     # -- pieces -----------------------------------------------------------------------------------------
 
     def _admit(self) -> list[Completion]:
+        """Prefill as many waiting requests as the verifier has room for, in one call."""
+        n = min(len(self._waiting), self.verifier.free_slots)
+        admitted = [self._waiting.popleft() for _ in range(n)]
+        if not admitted:
+            return []
+        try:
+            outs = self.verifier.prefill([PrefillItem(r.request_id, r.prompt_ids, r.params) for r in admitted])
+        except CapacityError:  # a shared verifier filled up meanwhile: they wait for the next round
+            self._waiting.extendleft(reversed(admitted))
+            return []
         finished = []
-        while self._waiting and self.engine.free_slots:
-            r = self._waiting.popleft()
-            self.engine.add(r.request_id)
-            out = self.engine.prefill(r.request_id, r.prompt_ids)
+        for r, out in zip(admitted, outs):
             if out.features is not None:
                 r.new_features.append(out.features)
-            first = int(draw(logits_to_probs(out.logits[-1], r.params), r.params, r.rng))
-            reason = self._emit(r, [first])
+            reason = self._emit(r, [out.token])
             if reason:
                 self._free(r)
                 finished.append(self._completion(r, reason))
@@ -210,12 +219,12 @@ class Decoder:
     def _budget(self, r: _Request) -> int:
         """Draft tokens worth verifying: never past max_tokens or the context."""
         room_tokens = r.params.max_tokens - len(r.output) - 1
-        room_context = self.engine.config.max_context - self.engine.length(r.request_id) - 1
+        room_context = self.verifier.max_context - r.committed - 1
         k = 0 if r.policy == "autoregressive" else self.num_draft
         return max(0, min(k, room_tokens, room_context))
 
     def _propose(self, batch: list[_Request], ks: list[int]) -> list[Proposal]:
-        empty = Proposal.empty(self.engine.vocab_size, self.engine.device)
+        empty = Proposal.empty(self.verifier.vocab_size, self.verifier.device)
         if self.proposer is None or not any(ks):
             return [empty] * len(batch)
         reqs = [
@@ -252,13 +261,13 @@ class Decoder:
                 return "stop"
             if len(r.output) >= r.params.max_tokens:
                 return "length"
-        if self.engine.length(r.request_id) + 1 > self.engine.config.max_context:  # no room for the anchor
+        if r.committed + 1 > self.verifier.max_context:  # no room for the anchor
             return "length"
         return None
 
     def _free(self, r: _Request) -> None:
         self._ids_in_use.discard(r.request_id)
-        self.engine.release(r.request_id)
+        self.verifier.release(r.request_id)
         if self.proposer is not None:
             self.proposer.release(r.request_id)
 

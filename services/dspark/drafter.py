@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dspark.proposer import Proposal
+from dspark.proposer import Proposal, truncated
 from dspark.sampling import SamplingParams, logits_to_probs, sample
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
@@ -425,11 +425,13 @@ class DSparkDrafter(nn.Module):
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_draft: int | None = None,
+        max_support: int | None = None,
     ) -> Draft:
         """Draft num_draft (<= gamma) tokens for each of B requests. context: ContextKV or (B, L, F) features (row b
         valid for its first ctx_lens[b] tokens, the tokens before its anchor); anchor_ids (B,). params (default:
         SamplingParams()) and generator may be one for all rows or one per row. Tokens are sampled left to right,
-        each from q_k = logits_to_probs(U_k + B_k(x_{<k}), params), which is returned as the rejection-sampling q."""
+        each from q_k = logits_to_probs(U_k + B_k(x_{<k}), params), which is returned as the rejection-sampling q.
+        max_support caps q's support at that many tokens (a top-k on top of params), so q is small on the wire."""
         K = self.config.gamma if num_draft is None else num_draft
         if not 0 <= K <= self.config.gamma:
             raise ValueError(f"num_draft must be in 0..{self.config.gamma}, got {K}")
@@ -447,6 +449,11 @@ class DSparkDrafter(nn.Module):
         h = self.backbone(context, self._block_inputs(anchor_ids), pos, mask)[:, :K]  # (B, K, C)
         base = self._logits(h)  # (B, K, V)
         rows = params if isinstance(params, SamplingParams) else SamplingParams() if params is None else list(params)
+        rows = (
+            truncated(rows, max_support)
+            if isinstance(rows, SamplingParams)
+            else [truncated(p, max_support) for p in rows]
+        )
         gens = generator if generator is None or isinstance(generator, torch.Generator) else list(generator)
         tokens, probs, conf = [], [], []
         prev, state = anchor_ids, None

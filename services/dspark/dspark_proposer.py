@@ -12,8 +12,11 @@ from dspark.sampling import DRAFT_STREAM, make_generator
 
 
 class DSparkProposer:
-    def __init__(self, drafter: DSparkDrafter):
+    def __init__(self, drafter: DSparkDrafter, max_support: int | None = None):
+        """max_support: sample each draft token from at most that many candidates (a top-k cap over the request's
+        own top-k/top-p), so its distribution is sparse and cheap to send to a remote verifier; None = no cap."""
         self.drafter = drafter.eval()
+        self.max_support = max_support
         self.device = next(drafter.parameters()).device
         self._ctx: dict[str, ContextKV] = {}  # context K/V of every token before the request's anchor
         self._rng: dict[str, torch.Generator] = {}
@@ -25,6 +28,12 @@ class DSparkProposer:
     def release(self, request_id: str) -> None:
         self._ctx.pop(request_id, None)
         self._rng.pop(request_id, None)
+
+    def rollback(self, request_id: str, length: int) -> None:
+        """Keep the context of the first `length` tokens only (a caller retrying a round it already sent)."""
+        ctx = self._ctx.get(request_id)
+        if ctx is not None and ctx.length > length:
+            self._ctx[request_id] = ctx.crop(length)
 
     @torch.no_grad()
     def _absorb(self, r: DraftRequest) -> None:
@@ -61,6 +70,7 @@ class DSparkProposer:
                 params=[r.params for r in active],
                 generator=[self._rng[r.request_id] for r in active],
                 num_draft=k_max,
+                max_support=self.max_support,
             )
             # a row drafted past its own k only consumed randomness: its first k tokens and q are exact
             for i, r in enumerate(active):

@@ -5,7 +5,7 @@ history, which tells them how much of their proposal survived.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -38,6 +38,15 @@ class Proposal:
     @classmethod
     def empty(cls, vocab_size: int, device="cpu") -> Proposal:
         return cls(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab_size, device=device))
+
+
+def truncated(params: SamplingParams, max_support: int | None) -> SamplingParams:
+    """The draft side's sampling parameters when draft distributions must stay small (on the wire): a top-k cap of
+    max_support on top of the request's own top-k/top-p. Any draft distribution keeps rejection sampling lossless as
+    long as the verifier sees exactly the one each token was sampled from; a sparse one is simply cheap to send."""
+    if max_support is None or params.greedy or 0 < params.top_k <= max_support:
+        return params
+    return replace(params, top_k=max_support)
 
 
 class Proposer(Protocol):
