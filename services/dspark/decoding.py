@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +151,18 @@ class Decoder:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    def outputs(self) -> dict[str, list[int]]:
+        """Tokens emitted so far by each running request (for streaming; the lists are live, do not modify)."""
+        return {r.request_id: r.output for r in self._running}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
     # -- one round --------------------------------------------------------------------------------------
 
     def step(self) -> list[Completion]:
@@ -203,6 +216,8 @@ class Decoder:
             outs = self.verifier.prefill([PrefillItem(r.request_id, r.prompt_ids, r.params) for r in admitted])
         except CapacityError:  # a shared verifier filled up meanwhile: they wait for the next round
             self._waiting.extendleft(reversed(admitted))
+            if not self._running:
+                time.sleep(0.01)  # nothing else to do until a session is released somewhere
             return []
         finished = []
         for r, out in zip(admitted, outs):

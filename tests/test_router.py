@@ -1,0 +1,214 @@
+"""The router and the public APIs over the real services on localhost (tiny models, a character tokenizer): gRPC
+GenerationService (unary, streaming, n > 1, stop strings, errors, bearer token) and the OpenAI-compatible HTTP API
+through the official openai client."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from test_services import PROMPTS, Background, make_draft_core, make_verifier_core, plain_greedy
+
+from dspark import grpc_server
+from dspark.generation_service import SERVICE_NAME, GenerationServicer
+from dspark.router import Router, RouterConfig
+from dspark.sampling import SamplingParams
+from dspark.serve import start_draft, start_verifier
+from dspark.v1 import generation_pb2 as gpb
+from dspark.v1 import generation_pb2_grpc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 8  # test_decoding_stats' tiny vocabulary: token i is the letter chr(97 + i)
+
+
+class Letters:
+    """A tokenizer for the tiny models: one letter per token, a trivial chat template."""
+
+    chat_template = "letters"
+    eos_token_id = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) - 97 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        return self.encode("".join(m["content"] for m in messages))
+
+
+def text(ids):
+    return Letters().decode(ids)
+
+
+@pytest.fixture(scope="module")
+def bg():
+    b = Background()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(bg, target_model):
+    """verifier + draft services, a router, and its public gRPC server (token required: 'sesame')."""
+    v = bg.run(start_verifier(make_verifier_core(target_model)))
+    d = bg.run(start_draft(make_draft_core(target_model)))
+    config = RouterConfig(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}", max_tokens=16, api_key="sesame")
+    router = Router(config, tokenizer=Letters())
+    pub = bg.run(
+        grpc_server.start(
+            grpc_server.ServerConfig(),
+            [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
+            [SERVICE_NAME],
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{pub.port}")
+    yield router, generation_pb2_grpc.GenerationServiceStub(channel)
+    channel.close()
+    router.close()
+    for s in (pub, v, d):
+        bg.run(s.stop(0))
+
+
+@pytest.fixture(scope="module")
+def target_model():
+    from test_decoding_stats import _tiny_llama
+
+    return _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
+
+
+AUTH = (("authorization", "Bearer sesame"),)
+
+
+def test_generate_greedy_equals_plain_greedy(deployment, target_model):
+    _, stub = deployment
+    want = plain_greedy(target_model, params=SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    for prompt, expected in zip(PROMPTS, want):
+        r = stub.Generate(gpb.GenerateRequest(prompt=text(prompt), max_tokens=12, ignore_eos=True), metadata=AUTH)
+        (c,) = r.choices
+        assert list(c.token_ids) == expected and c.text == text(expected) and c.finish_reason == "length"
+        assert c.stats.rounds > 0 and c.stats.drafted > 0 and r.usage.completion_tokens == 12
+
+
+def test_stream_n_and_stop_strings(deployment, target_model):
+    _, stub = deployment
+    (expected,) = plain_greedy(
+        target_model, [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    )
+    req = gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=12, ignore_eos=True, n=2)
+    by_choice = {0: [], 1: []}
+    finals = {}
+    for m in stub.GenerateStream(req, metadata=AUTH):
+        by_choice[m.index] += list(m.token_ids)
+        if m.finish_reason:
+            finals[m.index] = m
+    assert by_choice[0] == by_choice[1] == expected  # greedy: both choices are the same
+    assert set(finals) == {0, 1} and finals[0].stats.rounds > 0 and finals[0].usage.completion_tokens == 12
+    # a stop string: the text ends right before it, finish_reason "stop"
+    full = text(expected)
+    stop = full[5:7]
+    r = stub.Generate(gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=12, stop=[stop]), metadata=AUTH)
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(
+        m.text
+        for m in stub.GenerateStream(
+            gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=12, stop=[stop]), metadata=AUTH
+        )
+    )
+    assert streamed == full[: full.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible_across_calls(deployment):
+    _, stub = deployment
+    req = gpb.GenerateRequest(prompt="abc", max_tokens=10, temperature=1.0, seed=3, n=2)
+    a = stub.Generate(req, metadata=AUTH)
+    b = stub.Generate(req, metadata=AUTH)
+    assert [list(c.token_ids) for c in a.choices] == [list(c.token_ids) for c in b.choices]
+
+
+@pytest.mark.parametrize(
+    "req, code, words",
+    [
+        (gpb.GenerateRequest(prompt=""), "INVALID_ARGUMENT", "exactly one"),
+        (gpb.GenerateRequest(prompt="abc", max_tokens=0), "INVALID_ARGUMENT", "max_tokens"),
+        (gpb.GenerateRequest(prompt="abc", max_tokens=17), "INVALID_ARGUMENT", "max_tokens"),
+        (gpb.GenerateRequest(prompt="abc", temperature=-1), "INVALID_ARGUMENT", "temperature"),
+        (gpb.GenerateRequest(prompt="abc", top_p=0), "INVALID_ARGUMENT", "top_p"),
+        (gpb.GenerateRequest(prompt="abcdefgh" * 3), "INVALID_ARGUMENT", "max_context"),
+        (gpb.GenerateRequest(prompt_token_ids=[3, 99]), "INVALID_ARGUMENT", "vocabulary"),
+        (gpb.GenerateRequest(prompt="abc", policy="eager"), "INVALID_ARGUMENT", "unknown policy"),
+        (gpb.GenerateRequest(prompt="abc", n=17), "INVALID_ARGUMENT", "n must be"),
+    ],
+)
+def test_bad_requests_get_invalid_argument(deployment, req, code, words):
+    _, stub = deployment
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(req, metadata=AUTH)
+    assert e.value.code().name == code and words in e.value.details()
+
+
+def test_token_required_and_deadline(deployment):
+    _, stub = deployment
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(gpb.GenerateRequest(prompt="abc"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(gpb.GenerateRequest(prompt="abc"), metadata=(("authorization", "Bearer nope"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(gpb.GenerateRequest(prompt="abc", max_tokens=16, ignore_eos=True), metadata=AUTH, timeout=0.001)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_http_api(deployment, target_model):
+    import uvicorn
+    from openai import OpenAI
+
+    from dspark.openai_api import build_app
+
+    router, _ = deployment
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(lambda: router), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        (expected,) = plain_greedy(target_model, [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))
+        r = client.completions.create(model="m", prompt=text(PROMPTS[0]), max_tokens=8, temperature=0)
+        assert r.choices[0].text == text(expected) and r.usage.completion_tokens == len(expected)
+        chunks = list(
+            client.completions.create(model="m", prompt=text(PROMPTS[0]), max_tokens=8, temperature=0, stream=True)
+        )
+        assert "".join(c.choices[0].text for c in chunks) == text(expected)
+        c = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": text(PROMPTS[0])}], max_tokens=8, temperature=0
+        )
+        assert c.choices[0].message.content == text(expected)
+        s = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": text(PROMPTS[0])}], max_tokens=8, stream=True
+        )
+        assert "".join(x.choices[0].delta.content or "" for x in s) == text(expected)
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.completions.create(model="m", prompt="abc", max_tokens=100)
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).completions.create(
+                model="m", prompt="abc"
+            )
+    finally:
+        server.should_exit = True
+        t.join(10)
