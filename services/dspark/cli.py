@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 
@@ -34,20 +35,23 @@ def _engine_config(a):
 
 
 def cmd_generate(a) -> int:
+    if a.server:
+        return _generate_remote(a)
     from dspark.prompt import encode_prompt
     from dspark.runtime import build_decoder, build_dspark_decoder
     from dspark.sampling import SamplingParams
 
+    policy = a.policy or "dspark"
     if a.draft is not None:  # an independent draft LM: no confidences, so fixed-length verification
-        if a.policy not in ("fixed", "autoregressive"):
-            raise SystemExit(f"--draft LM has no confidence head: use --policy fixed, not {a.policy}")
-        dec = build_decoder(_engine_config(a), draft_model=a.draft, num_draft=a.num_draft or 4, policy=a.policy)
-    elif a.policy == "autoregressive":
+        if policy not in ("fixed", "autoregressive"):
+            raise SystemExit(f"--draft LM has no confidence head: use --policy fixed, not {policy}")
+        dec = build_decoder(_engine_config(a), draft_model=a.draft, num_draft=a.num_draft or 4, policy=policy)
+    elif policy == "autoregressive":
         dec = build_decoder(_engine_config(a))
     else:
         log = (lambda m: print(m, file=sys.stderr)) if a.json else print
         dec = build_dspark_decoder(
-            _engine_config(a), a.drafter, a.policy, a.sps_profile, a.threshold, a.num_draft, log=log
+            _engine_config(a), a.drafter, policy, a.sps_profile, a.threshold, a.num_draft, log=log
         )
     tok = dec.engine.tokenizer
     ids = encode_prompt(tok, a.prompt)
@@ -63,21 +67,40 @@ def cmd_generate(a) -> int:
     ]
     outs = dec.generate([ids] * a.n, params)
     choices = [
-        {
-            "text": tok.decode(c.token_ids, skip_special_tokens=True),
-            "token_ids": c.token_ids,
-            "finish_reason": c.finish_reason,
-            "stats": {
-                "tau": round(c.stats.tau, 4),
-                "rounds": c.stats.rounds,
-                "drafted": c.stats.drafted,
-                "budget": c.stats.scheduled,
-                "accepted": c.stats.accepted,
-                "accepted_per_position": c.stats.accepted_per_position,
-            },
-        }
+        _choice(
+            tok.decode(c.token_ids, skip_special_tokens=True),
+            c.token_ids,
+            c.finish_reason,
+            c.stats.tau,
+            c.stats.rounds,
+            c.stats.drafted,
+            c.stats.scheduled,
+            c.stats.accepted,
+            c.stats.accepted_per_position,
+        )
         for c in outs
     ]
+    return _print_choices(a, choices)
+
+
+def _choice(text, token_ids, finish_reason, tau, rounds, drafted, budget, accepted, per_position) -> dict:
+    """One choice of `dspark generate --json`, the same whether it ran here or on a server."""
+    return {
+        "text": text,
+        "token_ids": list(token_ids),
+        "finish_reason": finish_reason,
+        "stats": {
+            "tau": round(tau, 4),
+            "rounds": rounds,
+            "drafted": drafted,
+            "budget": budget,
+            "accepted": accepted,
+            "accepted_per_position": list(per_position),
+        },
+    }
+
+
+def _print_choices(a, choices: list[dict]) -> int:
     if a.json:
         print(json.dumps(choices[0] if a.n == 1 else {"choices": choices}))
     else:
@@ -85,6 +108,82 @@ def cmd_generate(a) -> int:
             print(c["text"])
             print(f"-- {c['finish_reason']}, tau={c['stats']['tau']}, rounds={c['stats']['rounds']}", file=sys.stderr)
     return 0
+
+
+def _generate_remote(a) -> int:
+    """The gRPC client of a running deployment (`dspark serve router` / `make run`)."""
+    import grpc
+
+    from dspark.v1 import generation_pb2 as gpb
+    from dspark.v1 import generation_pb2_grpc
+
+    req = gpb.GenerateRequest(
+        prompt=a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, n=a.n
+    )
+    if a.seed is not None:
+        req.seed = a.seed
+    if a.policy:
+        req.policy = a.policy
+    key = a.api_key or os.environ.get("DSPARK_API_KEY")
+    metadata = (("authorization", f"Bearer {key}"),) if key else ()
+    with grpc.insecure_channel(a.server) as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            r = stub.Generate(req, metadata=metadata, timeout=a.timeout)
+        except grpc.RpcError as e:
+            print(f"dspark: error from {a.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    choices = [
+        _choice(
+            c.text,
+            c.token_ids,
+            c.finish_reason,
+            c.stats.tau,
+            c.stats.rounds,
+            c.stats.drafted,
+            c.stats.budget,
+            c.stats.accepted,
+            c.stats.accepted_per_position,
+        )
+        for c in r.choices
+    ]
+    return _print_choices(a, choices)
+
+
+# -- dspark serve ------------------------------------------------------------------------------------------------
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"DSPARK_{name}", default)
+
+
+def _server_config(a):
+    from dspark.grpc_server import ServerConfig
+
+    return ServerConfig(
+        address=f"{a.host}:{a.port}", max_message_mb=a.max_message_mb, session_ttl_s=a.session_ttl, drain_s=a.drain
+    )
+
+
+def cmd_serve(a) -> int:
+    import logging
+
+    logging.basicConfig(level=os.environ.get("DSPARK_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    if a.service == "verifier":
+        from dspark.serve import serve_verifier
+
+        return serve_verifier(_engine_config(a), _server_config(a), a.drafter, a.sps_profile)
+    if a.service == "draft":
+        from dspark.serve import serve_draft
+
+        return serve_draft(_engine_config(a), _server_config(a), a.drafter, a.max_support)
+    if a.service == "local":
+        from dspark.launcher import run_local
+
+        return run_local(a)
+    from dspark.router_serve import serve_router
+
+    return serve_router(a)
 
 
 def cmd_models(a) -> int:
@@ -201,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark", description="DSpark speculative decoding")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    g = sub.add_parser("generate", help="generate text in this process")
+    g = sub.add_parser("generate", help="generate text in this process, or on a running deployment with --server")
     _engine_args(g)
-    g.add_argument("--local", action="store_true", help="run in this process (the only mode so far)")
-    g.add_argument("--policy", default="dspark", choices=POLICIES, help="verification policy (default: dspark)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run in this process (the default)")
+    where.add_argument("--server", default=None, metavar="HOST:PORT", help="a router's gRPC endpoint instead")
+    g.add_argument("--api-key", default=None, help="bearer token for --server (default: $DSPARK_API_KEY)")
+    g.add_argument("--timeout", type=float, default=600.0, help="--server deadline in seconds")
+    g.add_argument("--policy", default=None, choices=POLICIES, help="verification policy (default: dspark)")
     g.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
     g.add_argument("--draft", default=None, help="an independent draft LM instead (registry name, or 'self')")
     g.add_argument("--num-draft", type=int, default=None, help="draft tokens per round (default: drafter's gamma)")
@@ -297,6 +400,53 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     e.add_argument("--out", default=None, help="folder for eval.json and the plots")
     e.set_defaults(fn=cmd_eval)
+
+    sv = sub.add_parser("serve", help="run one piece of the distributed deployment: verifier, draft or router")
+    svs = sv.add_subparsers(dest="service", required=True)
+    for name, port, what in [
+        ("verifier", 50061, "the target model: prefill + batched verification (gRPC)"),
+        ("draft", 50062, "the DSpark drafter (gRPC)"),
+    ]:
+        p = svs.add_parser(name, help=what)
+        _engine_args(p)
+        p.add_argument("--drafter", default=_env("DRAFTER"), help="`dspark train` output (default: the shipped one)")
+        p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (internal: a private network)")
+        p.add_argument("--port", type=int, default=int(_env(f"{name.upper()}_PORT", port)))
+        p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, both directions")
+        p.add_argument("--session-ttl", type=float, default=600.0, help="release sessions idle this many seconds")
+        p.add_argument("--drain", type=float, default=10.0, help="seconds running calls get after SIGTERM")
+        if name == "verifier":
+            p.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model)")
+        else:
+            p.add_argument("--max-support", type=int, default=64, help="draft distribution support cap (0 = none)")
+        p.set_defaults(fn=cmd_serve)
+    r = svs.add_parser("router", help="the Ray Serve router: decode loop, public gRPC + OpenAI HTTP APIs")
+    r.add_argument("--verifier", default=_env("VERIFIER", "127.0.0.1:50061"), help="verifier service host:port")
+    r.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50062"), help="draft service host:port ('' = none)")
+    r.add_argument("--model", default=_env("MODEL"), help="tokenizer (default: the verifier's model)")
+    r.add_argument("--policy", default=_env("POLICY", "dspark"), choices=POLICIES)
+    r.add_argument("--num-draft", type=int, default=None, help="draft tokens per round (default: drafter's gamma)")
+    r.add_argument("--threshold", type=float, default=0.5)
+    r.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    r.add_argument("--api-key", default=_env("API_KEY"), help="bearer token the public API requires")
+    r.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    r.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)))
+    r.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50051)))
+    r.add_argument("--replicas", type=int, default=1, help="router replicas (autoscaling: deploy/serve.yaml)")
+    r.add_argument("--no-ray", action="store_true", help="serve from this process without Ray Serve")
+    r.set_defaults(fn=cmd_serve)
+    lo = svs.add_parser("local", help="verifier + draft + router on this machine, until Ctrl-C (make run)")
+    _engine_args(lo)
+    lo.add_argument("--drafter", default=_env("DRAFTER"), help="`dspark train` output (default: the shipped one)")
+    lo.add_argument("--policy", default="dspark", choices=POLICIES)
+    lo.add_argument("--sps-profile", default=None, help="the verifier's SPS table JSON (default: per model/device)")
+    lo.add_argument("--verifier-port", type=int, default=50061)
+    lo.add_argument("--draft-port", type=int, default=50062)
+    lo.add_argument("--grpc-port", type=int, default=50051)
+    lo.add_argument("--http-port", type=int, default=8000)
+    lo.add_argument("--wait", type=float, default=600.0, help="seconds each piece may take to become healthy")
+    lo.add_argument("--no-ray", action="store_true", help="router without Ray Serve")
+    lo.set_defaults(fn=cmd_serve)
 
     a = ap.parse_args(argv)
     try:
