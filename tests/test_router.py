@@ -281,3 +281,17 @@ def test_ray_serve_application(bg, target_model):
         ray.shutdown()
         bg.run(v.stop(0))
         bg.run(d.stop(0))
+
+
+def test_a_cancelled_stream_frees_its_sessions(deployment):
+    router, stub = deployment
+    req = gpb.GenerateRequest(prompt_token_ids=PROMPTS[1], max_tokens=16, ignore_eos=True, n=2)
+    call = stub.GenerateStream(req, metadata=AUTH)
+    next(call)  # the first delta: both choices are decoding now
+    call.cancel()
+    for _ in range(100):
+        if not router.decoder.has_work and router.decoder.verifier.free_slots == router.decoder.verifier.max_sessions:
+            break
+        time.sleep(0.05)
+    assert not router.decoder.has_work
+    assert router.decoder.verifier.free_slots == router.decoder.verifier.max_sessions

@@ -270,3 +270,27 @@ def test_idle_sessions_expire(target_model):
     assert core.expire() == 0
     now[0] = 11.0
     assert core.expire() == 2 and core.engine.free_slots == 16
+
+
+def test_drain_lets_running_calls_finish_and_refuses_new_ones(bg, target_model):
+    core = make_verifier_core(target_model)
+    slow = core.prefill_msg
+
+    def prefill_slowly(m):
+        time.sleep(0.5)
+        return slow(m)
+
+    core.prefill_msg = prefill_slowly
+    v = bg.run(start_verifier(core))
+    ch = grpc.insecure_channel(f"127.0.0.1:{v.port}")
+    stub = verifier_pb2_grpc.VerifierServiceStub(ch)
+    req = vpb.PrefillInput(requests=[vpb.PrefillRequest(session_id="a", token_ids=[3, 4], params=vpb.SamplingParams())])
+    running = stub.Prefill.future(req, timeout=10)
+    time.sleep(0.2)  # the call is in the model now
+    stopping = asyncio.run_coroutine_threadsafe(v.stop(5.0), bg.loop)
+    assert len(running.result().results) == 1  # finished during the drain
+    stopping.result(10)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Prefill(req, timeout=2)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    ch.close()

@@ -172,11 +172,11 @@ def cmd_serve(a) -> int:
     if a.service == "verifier":
         from dspark.serve import serve_verifier
 
-        return serve_verifier(_engine_config(a), _server_config(a), a.drafter, a.sps_profile)
+        return serve_verifier(_engine_config(a), _server_config(a), a.drafter, a.sps_profile, a.metrics_port)
     if a.service == "draft":
         from dspark.serve import serve_draft
 
-        return serve_draft(_engine_config(a), _server_config(a), a.drafter, a.max_support)
+        return serve_draft(_engine_config(a), _server_config(a), a.drafter, a.max_support, a.metrics_port)
     if a.service == "local":
         from dspark.launcher import run_local
 
@@ -403,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sv = sub.add_parser("serve", help="run one piece of the distributed deployment: verifier, draft or router")
     svs = sv.add_subparsers(dest="service", required=True)
-    for name, port, what in [
-        ("verifier", 50061, "the target model: prefill + batched verification (gRPC)"),
-        ("draft", 50062, "the DSpark drafter (gRPC)"),
+    for name, port, metrics_port, what in [
+        ("verifier", 50061, 9461, "the target model: prefill + batched verification (gRPC)"),
+        ("draft", 50062, 9462, "the DSpark drafter (gRPC)"),
     ]:
         p = svs.add_parser(name, help=what)
         _engine_args(p)
@@ -415,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-message-mb", type=int, default=64, help="gRPC message size limit, both directions")
         p.add_argument("--session-ttl", type=float, default=600.0, help="release sessions idle this many seconds")
         p.add_argument("--drain", type=float, default=10.0, help="seconds running calls get after SIGTERM")
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(_env(f"{name.upper()}_METRICS_PORT", metrics_port)),
+            help="Prometheus /metrics port (0 = off)",
+        )
         if name == "verifier":
             p.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model)")
         else:

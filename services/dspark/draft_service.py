@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dspark import wire
+from dspark import metrics, wire
 from dspark.dspark_proposer import DSparkProposer
 from dspark.grpc_server import MissingSessionsError, call
 from dspark.proposer import DraftRequest, Proposal
@@ -108,6 +108,12 @@ class DraftCore:
             self.proposer.release(sid)
         return n
 
+    def release_msg(self, m) -> int:
+        return self.release(list(m.session_ids))
+
+    def observe(self) -> None:
+        metrics.SESSIONS.labels("draft").set(self.sessions)
+
     def expire(self) -> int:
         cutoff = self.clock() - self.ttl_s
         old = [sid for sid, s in self._sessions.items() if s.last_used < cutoff]
@@ -158,12 +164,15 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self.lock = asyncio.Lock()
 
     async def Draft(self, request: dpb.DraftInput, context) -> dpb.DraftOutput:
-        return await call(context, self.lock, self.core.draft_msg, request)
+        out = await call(context, self.lock, self.core.draft_msg, request, "draft", "draft")
+        self.core.observe()
+        return out
 
     async def Release(self, request, context):
         from dspark.v1 import verifier_pb2 as vpb
 
-        n = await call(context, self.lock, self.core.release, list(request.session_ids))
+        n = await call(context, self.lock, self.core.release_msg, request, "draft", "release")
+        self.core.observe()
         return vpb.ReleaseOutput(released=n)
 
     async def Info(self, request, context) -> dpb.DraftInfo:

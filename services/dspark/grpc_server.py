@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import SpanKind
 
+from dspark import metrics, telemetry
 from dspark.engine import CapacityError, ContextLengthError, UnknownRequestError
 
 log = logging.getLogger("dspark.grpc")
@@ -59,9 +62,27 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def call(context: grpc.aio.ServicerContext, lock: asyncio.Lock, fn: Callable[..., Any], *args) -> Any:
-    """Run a core method in a worker thread, one at a time (one model per process), honouring the caller's deadline
-    while waiting for the model; exceptions become status codes."""
+async def call(
+    context: grpc.aio.ServicerContext, lock: asyncio.Lock, fn: Callable[..., Any], msg, service: str, method: str
+) -> Any:
+    """fn(msg) in a worker thread, one call at a time (one model per process), honouring the caller's deadline while
+    waiting for the model; exceptions become status codes. Each call is a server span (child of the caller's round
+    span when the metadata carries one) and is timed in dspark_rpc_seconds."""
+    batch = len(getattr(msg, "requests", getattr(msg, "session_ids", ())))
+    parent = telemetry.incoming_context(context.invocation_metadata())
+    attrs = {"dspark.service": service, "dspark.batch_size": batch}
+    t = time.perf_counter()
+    with telemetry.tracer().start_as_current_span(
+        f"dspark.{method}", context=parent, kind=SpanKind.SERVER, attributes=attrs
+    ):
+        try:
+            return await _call_locked(context, lock, fn, msg)
+        finally:
+            metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - t)
+            metrics.RPC_BATCH.labels(service, method).observe(batch)
+
+
+async def _call_locked(context, lock: asyncio.Lock, fn, *args) -> Any:
     remaining = context.time_remaining()
     try:
         async with asyncio.timeout(remaining):

@@ -87,7 +87,8 @@ def run_local(a) -> int:
             f"\ndspark is up on {a.model}:\n"
             f"  gRPC  (dspark.v1.GenerationService)  localhost:{a.grpc_port}\n"
             f"  HTTP  (OpenAI-compatible)            http://localhost:{a.http_port}/v1\n"
-            f"  verifier localhost:{a.verifier_port}, draft service localhost:{a.draft_port} (internal)\n\n"
+            f"  verifier localhost:{a.verifier_port}, draft service localhost:{a.draft_port} (internal)\n"
+            f"  metrics  http://localhost:{a.http_port}/metrics (router), :9461/metrics (verifier), :9462 (draft)\n\n"
             "try:\n"
             f"  {Path(sys.executable).parent / 'dspark'} generate --server localhost:{a.grpc_port} --json "
             '"Explain speculative decoding in two sentences."\n'

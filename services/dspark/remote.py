@@ -18,7 +18,7 @@ import time
 import grpc
 import torch
 
-from dspark import wire
+from dspark import telemetry, wire
 from dspark.engine import CapacityError, ContextLengthError
 from dspark.grpc_server import MISSING_SESSIONS, channel_options
 from dspark.proposer import DraftRequest, Proposal
@@ -96,7 +96,7 @@ class RemoteVerifier:
         delay = 0.1
         while True:
             try:
-                return method(msg, timeout=self.timeout_s, wait_for_ready=True)
+                return method(msg, timeout=self.timeout_s, wait_for_ready=True, metadata=telemetry.outgoing_metadata())
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND and _missing(e) and what == "Verify":
                     self._restore(_missing(e))
@@ -246,7 +246,8 @@ class RemoteProposer:
             return self._down(requests, "unreachable")
         for attempt in range(2):
             try:
-                out = self.stub.Draft(self._message(requests), timeout=self.timeout_s)
+                metadata = telemetry.outgoing_metadata()
+                out = self.stub.Draft(self._message(requests), timeout=self.timeout_s, metadata=metadata)
                 break
             except grpc.RpcError as e:
                 missing = _missing(e) if e.code() == grpc.StatusCode.NOT_FOUND else []

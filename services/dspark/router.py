@@ -14,11 +14,16 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Link
+
+from dspark import metrics, telemetry
 from dspark.decoding import Completion, Decoder
 from dspark.engine import CapacityError
+from dspark.metrics import InstrumentedProposer, InstrumentedVerifier, RoundStats
 from dspark.sampling import SamplingParams
 
 log = logging.getLogger("dspark.router")
@@ -63,11 +68,15 @@ class Router:
         self.config = config
         if decoder is None:
             decoder = self._build_decoder(config)
+        decoder.verifier = InstrumentedVerifier(decoder.verifier)
+        if decoder.proposer is not None:
+            decoder.proposer = InstrumentedProposer(decoder.proposer)
         self.decoder = decoder
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sent: dict[str, int] = {}
+        self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (round spans link to them)
         self._pending = 0  # submitted, not finished
         self._ids = itertools.count()
         self._wake = threading.Event()
@@ -149,11 +158,14 @@ class Router:
             self.decoder._check_policy(policy)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        attrs = {"dspark.n": len(params), "dspark.prompt_tokens": len(prompt_ids), "dspark.policy": policy or ""}
+        span = telemetry.tracer().start_span("dspark.generate", attributes=attrs)
         choices = []
         for i, sp in enumerate(params):
             rid = f"r{next(self._ids)}-{i}"
             choices.append(_Choice(i, rid))
             self._sinks[rid] = (loop, q)
+            self._spans[rid] = span
             self._pending += 1
             self._inbox.put(("add", rid, prompt_ids, sp, policy))
         self._wake.set()
@@ -182,9 +194,11 @@ class Router:
                     yield delta
         finally:
             for c in choices:
+                self._spans.pop(c.request_id, None)
                 if not c.done:
                     self._inbox.put(("abort", c.request_id))
             self._wake.set()
+            span.end()
 
     def _text_delta(self, c: _Choice, stop, final: bool) -> tuple[str, bool]:
         """(new text since the last delta, whether a stop string was reached). Text is held back while it may be an
@@ -258,7 +272,7 @@ class Router:
                 self._wake.clear()
                 continue
             try:
-                finished = self.decoder.step()
+                finished = self._round()
             except Exception as e:  # noqa: BLE001 - a lost verifier: fail what is running, keep serving
                 log.exception("decode round failed")
                 err = e if isinstance(e, ConnectionError) else ConnectionError(f"decode round failed: {e}")
@@ -273,7 +287,38 @@ class Router:
                     self._post(rid, (out[n:], None))
             for c in finished:
                 n = self._sent.get(c.request_id, 0)
+                metrics.record_finished(c)
                 self._finish(c.request_id, (c.token_ids[n:], c))
+            metrics.QUEUE_DEPTH.set(self.decoder.waiting)
+            metrics.RUNNING.set(self.decoder.running)
+
+    def _round(self) -> list[Completion]:
+        """One decoder step in a dspark.round span linked to the requests it carries; its stats go to Prometheus."""
+        v, p = self.decoder.verifier, self.decoder.proposer
+        v.round = stats = RoundStats()
+        if p is not None:
+            p.round = stats
+        failures = getattr(p, "failures", 0)
+        restored = getattr(v.inner, "restored", 0)
+        links = [Link(s.get_span_context()) for s in list(self._spans.values())[:64] if s.get_span_context().is_valid]
+        with telemetry.tracer().start_as_current_span("dspark.round", links=links) as span:
+            t = time.perf_counter()
+            finished = self.decoder.step()
+            total = time.perf_counter() - t
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "dspark.policy": self.decoder.policy,
+                        "dspark.batch_size": stats.batch,
+                        "dspark.drafted": stats.drafted,
+                        "dspark.budget": stats.budget,
+                        "dspark.accepted": stats.accepted,
+                    }
+                )
+        metrics.record_round(stats, total)
+        metrics.DRAFT_FALLBACK.inc(getattr(p, "failures", 0) - failures)
+        metrics.RESTORED.inc(getattr(v.inner, "restored", 0) - restored)
+        return finished
 
     def close(self) -> None:
         self._stop = True

@@ -56,7 +56,9 @@ def _http_app():
 class DSparkRouter:
     def __init__(self, args: RouterArgs):
         import dspark.router_app as module  # this class may arrive pickled by value: reach the imported module
+        from dspark import telemetry
 
+        telemetry.setup(telemetry.ROUTER)
         self.router = Router(args.config())
         module._replica["router"] = self.router
 

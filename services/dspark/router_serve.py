@@ -63,12 +63,13 @@ def _serve_plain(a) -> int:
 async def _plain(a) -> int:
     import uvicorn
 
-    from dspark import grpc_server
+    from dspark import grpc_server, telemetry
     from dspark.generation_service import SERVICE_NAME, GenerationServicer
     from dspark.openai_api import build_app
     from dspark.router import Router
     from dspark.v1 import generation_pb2_grpc
 
+    telemetry.setup(telemetry.ROUTER)
     router = Router(_args(a).config())
     svc = await grpc_server.start(
         grpc_server.ServerConfig(address=f"{a.host}:{a.grpc_port}"),

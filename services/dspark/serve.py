@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from dspark import grpc_server
+from dspark import grpc_server, metrics, telemetry
 from dspark.draft_service import SERVICE_NAME as DRAFT_SERVICE
 from dspark.draft_service import DraftCore, DraftServicer
 from dspark.grpc_server import ServerConfig, Service
@@ -76,12 +76,16 @@ def build_draft_core(engine_config, drafter: str | None, max_support: int, ttl_s
     return DraftCore(DSparkProposer(d, max_support=max_support or None), ttl_s=ttl_s)
 
 
-def serve_verifier(engine_config, server: ServerConfig, drafter=None, sps_profile=None) -> int:
+def serve_verifier(engine_config, server: ServerConfig, drafter=None, sps_profile=None, metrics_port=0) -> int:
+    telemetry.setup(telemetry.VERIFIER)
+    metrics.start_exporter(metrics_port)
     core = build_verifier_core(engine_config, drafter, sps_profile, server.session_ttl_s)
     return asyncio.run(_serve(start_verifier(core, server), "verifier", server))
 
 
-def serve_draft(engine_config, server: ServerConfig, drafter=None, max_support: int = 64) -> int:
+def serve_draft(engine_config, server: ServerConfig, drafter=None, max_support: int = 64, metrics_port=0) -> int:
+    telemetry.setup(telemetry.DRAFT)
+    metrics.start_exporter(metrics_port)
     core = build_draft_core(engine_config, drafter, max_support, server.session_ttl_s)
     return asyncio.run(_serve(start_draft(core, server), "draft", server))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dspark import wire
+from dspark import metrics, wire
 from dspark.engine import CapacityError, ContextLengthError, TargetEngine
 from dspark.grpc_server import MissingSessionsError, call
 from dspark.scheduler import SpsTable
@@ -125,6 +125,15 @@ class VerifierCore:
             self.local.release(sid)
         return n
 
+    def release_msg(self, m: vpb.ReleaseInput) -> int:
+        return self.release(list(m.session_ids))
+
+    def observe(self) -> None:
+        """Export the session and KV cache gauges."""
+        metrics.SESSIONS.labels("verifier").set(self.sessions)
+        metrics.KV_TOKENS.set(sum(self.engine.length(s) for s in self._last_used))
+        metrics.KV_CAPACITY.set(self.engine.config.max_requests * self.engine.config.max_context)
+
     def expire(self) -> int:
         """Release sessions unused for ttl_s (their router finished without releasing, or died)."""
         cutoff = self.clock() - self.ttl_s
@@ -198,13 +207,18 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.lock = asyncio.Lock()
 
     async def Prefill(self, request: vpb.PrefillInput, context) -> vpb.PrefillOutput:
-        return await call(context, self.lock, self.core.prefill_msg, request)
+        out = await call(context, self.lock, self.core.prefill_msg, request, "verifier", "prefill")
+        self.core.observe()
+        return out
 
     async def Verify(self, request: vpb.VerifyInput, context) -> vpb.VerifyOutput:
-        return await call(context, self.lock, self.core.verify_msg, request)
+        out = await call(context, self.lock, self.core.verify_msg, request, "verifier", "verify")
+        self.core.observe()
+        return out
 
     async def Release(self, request: vpb.ReleaseInput, context) -> vpb.ReleaseOutput:
-        n = await call(context, self.lock, self.core.release, list(request.session_ids))
+        n = await call(context, self.lock, self.core.release_msg, request, "verifier", "release")
+        self.core.observe()
         return vpb.ReleaseOutput(released=n)
 
     async def Info(self, request: vpb.InfoInput, context) -> vpb.VerifierInfo:

@@ -1,0 +1,135 @@
+"""Prometheus metrics of the router and the two services, one vocabulary with the protos and spans.
+
+Per round the router records what the Verifier saw: how many requests (batch), draft tokens proposed, the budget
+(draft tokens scheduled for verification) and tokens accepted, with accepted counts per draft position; per finished
+request, its tau and its total budget; per phase, round latency. `RoundStats` is the plain record (also read by the
+round span); the exporters are the prometheus_client objects below.
+
+Derived rates (PromQL):
+    acceptance rate      rate(dspark_accepted_tokens_total[1m]) / rate(dspark_budget_tokens_total[1m])
+    tokens per round     1 + rate(dspark_accepted_tokens_total[1m]) / rate(dspark_verified_requests_total[1m])
+    budget pruned        1 - rate(dspark_budget_tokens_total[1m]) / rate(dspark_draft_tokens_total[1m])
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# -- router -----------------------------------------------------------------------------------------------------
+ROUNDS = Counter("dspark_rounds_total", "decode rounds run by the router")
+VERIFIED_REQUESTS = Counter("dspark_verified_requests_total", "request-rounds verified (one per request per round)")
+DRAFT_TOKENS = Counter("dspark_draft_tokens_total", "draft tokens proposed")
+BUDGET_TOKENS = Counter("dspark_budget_tokens_total", "draft tokens scheduled for verification (the budget)")
+ACCEPTED_TOKENS = Counter("dspark_accepted_tokens_total", "draft tokens accepted")
+ACCEPTED_AT = Counter(
+    "dspark_accepted_position_total", "rounds whose draft at this position was accepted", ["position"]
+)
+ROUND_SECONDS = Histogram("dspark_round_seconds", "router round latency by phase", ["phase"], buckets=LATENCY)
+BATCH_REQUESTS = Histogram("dspark_batch_requests", "requests per round", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+REQUEST_TAU = Histogram("dspark_request_tau", "tokens per round of finished requests", buckets=(1, 1.5, 2, 3, 4, 6, 8))
+REQUEST_BUDGET = Histogram(
+    "dspark_request_budget_tokens", "verification budget of finished requests", buckets=(0, 8, 32, 128, 512, 2048)
+)
+QUEUE_DEPTH = Gauge("dspark_queue_depth", "requests waiting for a verifier session")
+RUNNING = Gauge("dspark_running_requests", "requests decoding")
+DRAFT_FALLBACK = Counter("dspark_draft_fallback_rounds_total", "rounds decoded without drafts (draft service down)")
+RESTORED = Counter("dspark_verifier_restored_sessions_total", "verifier sessions rebuilt from the router's history")
+
+# -- services ---------------------------------------------------------------------------------------------------
+RPC_SECONDS = Histogram("dspark_rpc_seconds", "service call latency", ["service", "method"], buckets=LATENCY)
+RPC_BATCH = Histogram(
+    "dspark_rpc_batch_requests", "requests per service call", ["service", "method"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+SESSIONS = Gauge("dspark_sessions", "open sessions", ["service"])
+KV_TOKENS = Gauge("dspark_verifier_kv_tokens", "tokens held in the verifier's KV cache")
+KV_CAPACITY = Gauge("dspark_verifier_kv_capacity_tokens", "tokens the verifier's KV cache can hold")
+
+
+@dataclass
+class RoundStats:
+    batch: int = 0
+    drafted: int = 0
+    budget: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+class InstrumentedProposer:
+    """Times a Proposer and counts what it drafted; everything else passes through."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.round = RoundStats()
+
+    def propose(self, requests):
+        t = time.perf_counter()
+        out = self.inner.propose(requests)
+        self.round.draft_s += time.perf_counter() - t
+        self.round.drafted += sum(len(p.token_ids) for p in out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class InstrumentedVerifier:
+    """Times a Verifier and counts budget and accepted tokens per round; everything else passes through."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.round = RoundStats()
+
+    def verify(self, items):
+        t = time.perf_counter()
+        out = self.inner.verify(items)
+        r = self.round
+        r.verify_s += time.perf_counter() - t
+        r.batch += len(items)
+        r.budget += sum(len(it.draft_tokens) for it in items)
+        r.accepted += sum(v.accepted for v in out)
+        for v in out:
+            if len(r.accepted_per_position) < v.accepted:
+                r.accepted_per_position += [0] * (v.accepted - len(r.accepted_per_position))
+            for i in range(v.accepted):
+                r.accepted_per_position[i] += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def record_round(r: RoundStats, total_s: float) -> None:
+    ROUNDS.inc()
+    VERIFIED_REQUESTS.inc(r.batch)
+    DRAFT_TOKENS.inc(r.drafted)
+    BUDGET_TOKENS.inc(r.budget)
+    ACCEPTED_TOKENS.inc(r.accepted)
+    for i, n in enumerate(r.accepted_per_position):
+        ACCEPTED_AT.labels(position=str(i + 1)).inc(n)
+    BATCH_REQUESTS.observe(r.batch)
+    ROUND_SECONDS.labels(phase="draft").observe(r.draft_s)
+    ROUND_SECONDS.labels(phase="verify").observe(r.verify_s)
+    ROUND_SECONDS.labels(phase="other").observe(max(0.0, total_s - r.draft_s - r.verify_s))
+    ROUND_SECONDS.labels(phase="total").observe(total_s)
+
+
+def record_finished(completion) -> None:
+    s = completion.stats
+    if s is not None and s.rounds:
+        REQUEST_TAU.observe(s.tau)
+        REQUEST_BUDGET.observe(s.scheduled)
+
+
+def start_exporter(port: int) -> None:
+    """Serve /metrics on this port (0 = no exporter)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
