@@ -294,3 +294,29 @@ def test_drain_lets_running_calls_finish_and_refuses_new_ones(bg, target_model):
         stub.Prefill(req, timeout=2)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     ch.close()
+
+
+def test_replica_pools_pin_requests_and_survive_losing_a_replica(bg, target_model):
+    from dspark.pool import ProposerPool, VerifierPool
+
+    vs = [bg.run(start_verifier(make_verifier_core(target_model, max_requests=4))) for _ in range(2)]
+    ds = [bg.run(start_draft(make_draft_core(target_model))) for _ in range(2)]
+    verifier = VerifierPool([RemoteVerifier(f"127.0.0.1:{v.port}", recover_s=0.5) for v in vs])
+    proposer = ProposerPool([RemoteProposer(f"127.0.0.1:{d.port}", 8, retry_after_s=60, timeout_s=2) for d in ds])
+    dec = Decoder(verifier, proposer, num_draft=4, policy="dspark")
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    ids = [dec.add_request(p, params) for p in PROMPTS]
+    done = {}
+    for _ in range(2):
+        done.update((c.request_id, c) for c in dec.step())
+    assert all(v.free_slots == 2 for v in verifier.replicas)  # four requests spread over two replicas
+    bg.run(vs[0].stop(0))  # a verifier replica is gone for good
+    bg.run(ds[0].stop(0))  # and so is a draft replica
+    while dec.has_work:
+        done.update((c.request_id, c) for c in dec.step())
+    out = [done[i] for i in ids]
+    assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
+    assert verifier.failovers == 2 and len(verifier.replicas) == 1
+    assert sum(c.stats.drafted for c in out) > 0
+    for s in (vs[1], ds[1]):
+        bg.run(s.stop(0))

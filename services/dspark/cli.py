@@ -427,8 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-support", type=int, default=64, help="draft distribution support cap (0 = none)")
         p.set_defaults(fn=cmd_serve)
     r = svs.add_parser("router", help="the Ray Serve router: decode loop, public gRPC + OpenAI HTTP APIs")
-    r.add_argument("--verifier", default=_env("VERIFIER", "127.0.0.1:50061"), help="verifier service host:port")
-    r.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50062"), help="draft service host:port ('' = none)")
+    r.add_argument(
+        "--verifier",
+        default=_env("VERIFIER", "127.0.0.1:50061"),
+        help="verifier host:port; comma-separated for replicas",
+    )
+    r.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50062"), help="draft host:port[,...] ('' = none)")
     r.add_argument("--model", default=_env("MODEL"), help="tokenizer (default: the verifier's model)")
     r.add_argument("--policy", default=_env("POLICY", "dspark"), choices=POLICIES)
     r.add_argument("--num-draft", type=int, default=None, help="draft tokens per round (default: drafter's gamma)")

@@ -96,7 +96,8 @@ class RemoteVerifier:
         delay = 0.1
         while True:
             try:
-                return method(msg, timeout=self.timeout_s, wait_for_ready=True, metadata=telemetry.outgoing_metadata())
+                # fail fast while the verifier is down: this loop does the waiting, bounded by recover_s
+                return method(msg, timeout=self.timeout_s, metadata=telemetry.outgoing_metadata())
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND and _missing(e) and what == "Verify":
                     self._restore(_missing(e))
@@ -160,6 +161,11 @@ class RemoteVerifier:
             self._history[it.request_id] += tokens
             results.append(Verified(r.accepted, tokens, r.bonus, wire.tensor_from_proto(r.features)))
         return results
+
+    def adopt(self, request_id: str, history: list[int], params: vpb.SamplingParams) -> None:
+        """Take over a session another replica lost: prefill its history (every token before the anchor) here."""
+        self._history[request_id], self._params[request_id] = list(history), params
+        self._restore([request_id])
 
     def release(self, request_id: str) -> None:
         if self._history.pop(request_id, None) is not None:

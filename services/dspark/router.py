@@ -31,8 +31,8 @@ log = logging.getLogger("dspark.router")
 
 @dataclass(frozen=True)
 class RouterConfig:
-    verifier: str = "127.0.0.1:50061"  # verifier service host:port
-    draft: str | None = "127.0.0.1:50062"  # draft service host:port; None = plain decoding
+    verifier: str = "127.0.0.1:50061"  # verifier service host:port (comma-separated: replicas)
+    draft: str | None = "127.0.0.1:50062"  # draft service host:port (comma-separated: replicas); None = plain
     model: str | None = None  # tokenizer (registry name or folder); None = the verifier's model
     policy: str = "dspark"  # verification policy; requests may override it
     num_draft: int | None = None  # draft tokens per round; None = the drafter's block size gamma
@@ -86,12 +86,21 @@ class Router:
 
     @staticmethod
     def _build_decoder(config: RouterConfig) -> Decoder:
+        """Comma-separated addresses make a pool of replicas (requests pinned to one of each)."""
+        from dspark.pool import ProposerPool, VerifierPool
         from dspark.remote import RemoteProposer, RemoteVerifier
 
-        verifier = RemoteVerifier(config.verifier, recover_s=config.verifier_recover_s)
+        addresses = [x.strip() for x in config.verifier.split(",") if x.strip()]
+        if len(addresses) == 1:
+            verifier = RemoteVerifier(addresses[0], recover_s=config.verifier_recover_s)
+        else:  # fail over quickly: the other replicas can take the sessions
+            recover = min(config.verifier_recover_s, 5.0)
+            verifier = VerifierPool([RemoteVerifier(a, recover_s=recover) for a in addresses])
         proposer, k = None, 0
-        if config.draft:
-            proposer = RemoteProposer(config.draft, verifier.vocab_size, retry_after_s=config.draft_retry_s)
+        drafts = [x.strip() for x in (config.draft or "").split(",") if x.strip()]
+        if drafts:
+            remote = [RemoteProposer(a, verifier.vocab_size, retry_after_s=config.draft_retry_s) for a in drafts]
+            proposer = remote[0] if len(remote) == 1 else ProposerPool(remote)
             info = proposer.info(timeout_s=30.0)
             if info is None and config.num_draft is None:
                 raise ConnectionError(f"draft service {config.draft} is unreachable and --num-draft is not set")
