@@ -172,7 +172,9 @@ def cmd_serve(a) -> int:
     if a.service == "verifier":
         from dspark.serve import serve_verifier
 
-        return serve_verifier(_engine_config(a), _server_config(a), a.drafter, a.sps_profile, a.metrics_port)
+        return serve_verifier(
+            _engine_config(a), _server_config(a), a.drafter, a.sps_profile, a.metrics_port, a.feature_dtype
+        )
     if a.service == "draft":
         from dspark.serve import serve_draft
 
@@ -423,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "verifier":
             p.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model)")
+            p.add_argument(
+                "--feature-dtype",
+                default=None,
+                choices=["float32", "bfloat16", "float16"],
+                help="dtype of the features sent to the drafter (default: the target's; 16-bit halves the traffic)",
+            )
         else:
             p.add_argument("--max-support", type=int, default=64, help="draft distribution support cap (0 = none)")
         p.set_defaults(fn=cmd_serve)

@@ -40,7 +40,9 @@ async def start_draft(core: DraftCore, config: ServerConfig | None = None) -> Se
     return svc
 
 
-def build_verifier_core(engine_config, drafter: str | None, sps_profile: str | None, ttl_s: float) -> VerifierCore:
+def build_verifier_core(
+    engine_config, drafter: str | None, sps_profile: str | None, ttl_s: float, feature_dtype: str | None = None
+) -> VerifierCore:
     """The target engine with the feature layers the drafter reads, and its SPS table (loaded or quick-profiled)."""
     from dspark import sps_profile as sps_mod
     from dspark.engine import TargetEngine
@@ -54,7 +56,7 @@ def build_verifier_core(engine_config, drafter: str | None, sps_profile: str | N
     layers = load_trained_drafter(path, model, tokenizer).config.feature_layers
     engine = TargetEngine(replace(engine_config, feature_layers=tuple(layers)), model=model, tokenizer=tokenizer)
     sps = sps_mod.load_or_profile(engine, sps_profile, log=log.info)
-    return VerifierCore(engine, sps, eos_token_ids(model, tokenizer), ttl_s=ttl_s)
+    return VerifierCore(engine, sps, eos_token_ids(model, tokenizer), ttl_s=ttl_s, feature_dtype=feature_dtype)
 
 
 def build_draft_core(engine_config, drafter: str | None, max_support: int, ttl_s: float) -> DraftCore:
@@ -76,10 +78,12 @@ def build_draft_core(engine_config, drafter: str | None, max_support: int, ttl_s
     return DraftCore(DSparkProposer(d, max_support=max_support or None), ttl_s=ttl_s)
 
 
-def serve_verifier(engine_config, server: ServerConfig, drafter=None, sps_profile=None, metrics_port=0) -> int:
+def serve_verifier(
+    engine_config, server: ServerConfig, drafter=None, sps_profile=None, metrics_port=0, feature_dtype=None
+) -> int:
     telemetry.setup(telemetry.VERIFIER)
     metrics.start_exporter(metrics_port)
-    core = build_verifier_core(engine_config, drafter, sps_profile, server.session_ttl_s)
+    core = build_verifier_core(engine_config, drafter, sps_profile, server.session_ttl_s, feature_dtype)
     return asyncio.run(_serve(start_verifier(core, server), "verifier", server))
 
 
