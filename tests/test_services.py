@@ -245,6 +245,9 @@ def test_status_codes(stack):
     big = dpb.DraftRequest(session_id="q", start=0, new_token_ids=[3], num_draft=9, params=p)
     e = _code(lambda: ds.Draft(dpb.DraftInput(requests=[big]), timeout=10))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "block size" in e.details()
+    blind = dpb.DraftRequest(session_id="q", start=0, new_token_ids=[3], num_draft=2, params=p)
+    e = _code(lambda: ds.Draft(dpb.DraftInput(requests=[blind]), timeout=10))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "features" in e.details()
     assert ds.Info(vpb.InfoInput(), timeout=10).max_support == 4
 
     for ch in (vch, dch):

@@ -76,14 +76,14 @@ class DraftCore:
                 raise ValueError(
                     f"session {it.session_id!r}: token ids outside the vocabulary 0..{self.vocab_size - 1}"
                 )
-            if it.start == 0 and it.num_draft > 0 and it.features is None:
-                raise ValueError(
-                    f"session {it.session_id!r}: opening a session to draft needs the target features of its history"
-                )
             if not 0 <= it.num_draft <= self.proposer.gamma:
                 raise ValueError(
                     f"session {it.session_id!r}: num_draft {it.num_draft} outside 0..{self.proposer.gamma} "
                     "(the drafter's block size)"
+                )
+            if it.start == 0 and it.num_draft > 0 and it.features is None:
+                raise ValueError(
+                    f"session {it.session_id!r}: opening a session to draft needs the target features of its history"
                 )
         now = self.clock()
         requests = []
