@@ -295,3 +295,21 @@ def test_a_cancelled_stream_frees_its_sessions(deployment):
         time.sleep(0.05)
     assert not router.decoder.has_work
     assert router.decoder.verifier.free_slots == router.decoder.verifier.max_sessions
+
+
+def test_a_full_queue_answers_resource_exhausted(deployment):
+    router, _ = deployment
+    cfg = RouterConfig(verifier=router.config.verifier, draft=router.config.draft, max_queue=1)
+    busy = Router(cfg, tokenizer=Letters())
+    try:
+        import asyncio
+
+        from dspark.engine import CapacityError
+
+        sp = SamplingParams(temperature=0.0, max_tokens=4)
+        with pytest.raises(CapacityError, match="retry later"):
+            asyncio.run(busy.generate([3, 4], [sp, sp]))  # n=2 does not fit a queue of 1
+        (one,) = asyncio.run(busy.generate([3, 4], [sp]))
+        assert one.finish_reason == "length"
+    finally:
+        busy.close()

@@ -102,7 +102,9 @@ class VerifierCore:
             if it.draft_probs.shape != (k, V):
                 raise ValueError(f"session {sid!r}: {k} draft tokens need {k} draft distributions over {V} tokens")
             self._check_tokens(sid, [it.anchor, *it.draft_tokens.tolist()])
-            if k and not bool((it.draft_probs[torch.arange(k), it.draft_tokens] > 0).all()):
+            if k and not bool(
+                (it.draft_probs[torch.arange(k, device=it.draft_probs.device), it.draft_tokens] > 0).all()
+            ):
                 raise ValueError(f"session {sid!r}: a draft token has probability 0 under its own draft distribution")
             if p.position + 1 + k > self.engine.config.max_context:
                 raise ContextLengthError(
@@ -174,14 +176,14 @@ class VerifierCore:
         )
 
     def verify_msg(self, m: vpb.VerifyInput) -> vpb.VerifyOutput:
-        V = self.engine.vocab_size
+        V, dev = self.engine.vocab_size, self.engine.device
         items = [
             PositionedVerifyItem(
                 VerifyItem(
                     r.session_id,
                     r.anchor,
-                    torch.tensor(list(r.draft_token_ids), dtype=torch.long),
-                    wire.dense_from_sparse(r.draft_probs, V),
+                    torch.tensor(list(r.draft_token_ids), dtype=torch.long, device=dev),
+                    wire.dense_from_sparse(r.draft_probs, V, dev),
                 ),
                 r.position,
             )
