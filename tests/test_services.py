@@ -323,3 +323,12 @@ def test_replica_pools_pin_requests_and_survive_losing_a_replica(bg, target_mode
     assert sum(c.stats.drafted for c in out) > 0
     for s in (vs[1], ds[1]):
         bg.run(s.stop(0))
+
+
+def test_a_local_target_with_a_remote_drafter(stack, target_model):
+    _, d = stack
+    engine = make_verifier_core(target_model).engine
+    dec = Decoder(engine, RemoteProposer(f"127.0.0.1:{d.port}", engine.vocab_size), num_draft=4, policy="fixed")
+    out = dec.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == plain_greedy(target_model)
+    assert sum(c.stats.accepted for c in out) > 0

@@ -72,3 +72,12 @@ def test_sparse_drafts_keep_the_target_distribution(target_model):
     for keep in [(0, 1), (1, 2), (2, 3)]:
         pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
         assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
+
+
+def test_sparse_rows_slice_like_the_dense_tensor():
+    q = torch.zeros(3, 8)
+    q[0, 1], q[1, 2], q[1, 5], q[2, 7] = 1.0, 0.25, 0.75, 1.0
+    rows = wire.SparseRows(wire.sparse_from_dense(q), 8)
+    assert rows.shape == (3, 8) and len(rows[:2]) == 2
+    assert torch.equal(rows[:2].dense(), q[:2]) and torch.equal(rows[:0].dense(), q[:0])
+    assert wire.sparse_from_dense(rows) is rows.rows  # forwarded untouched

@@ -273,7 +273,7 @@ class RemoteProposer:
             proposals.append(
                 Proposal(
                     torch.tensor(list(d.token_ids), dtype=torch.long),
-                    wire.dense_from_sparse(d.probs, self.vocab_size),
+                    wire.SparseRows(d.probs, self.vocab_size),  # forwarded to the verifier as they are
                     torch.tensor(list(d.confidence), dtype=torch.float32) if len(d.confidence) == k else None,
                 )
             )

@@ -38,7 +38,7 @@ class VerifyItem:
     request_id: str
     anchor: int  # the last emitted token, not yet in the target's cache
     draft_tokens: torch.Tensor  # (k,) int64: the scheduled prefix of the proposal
-    draft_probs: torch.Tensor  # (k, V) float32: the distribution each draft token was sampled from
+    draft_probs: torch.Tensor  # (k, V) float32: the distribution each draft token was sampled from (or wire.SparseRows)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,10 @@ class LocalVerifier:
         for it, o in zip(items, outs):
             params = self._params[it.request_id]
             target_probs = logits_to_probs(o.logits, params)  # (k+1, V)
-            v = verify(it.draft_tokens, it.draft_probs, target_probs, self._rng[it.request_id], greedy=params.greedy)
+            q = (
+                it.draft_probs.dense(self.device) if hasattr(it.draft_probs, "dense") else it.draft_probs
+            )  # wire.SparseRows
+            v = verify(it.draft_tokens, q, target_probs, self._rng[it.request_id], greedy=params.greedy)
             self.engine.commit(it.request_id, 1 + v.accepted)  # anchor + accepted drafts
             feats = None if o.features is None else o.features[: 1 + v.accepted]
             results.append(Verified(v.accepted, v.tokens, v.bonus, feats))

@@ -45,23 +45,55 @@ def tensor_from_proto(m: vpb.Tensor, device: str | torch.device = "cpu") -> torc
     return t.reshape(shape).float().to(device)
 
 
-def sparse_from_dense(probs: torch.Tensor) -> list[vpb.SparseDistribution]:
+class SparseRows:
+    """k sparse draft distributions as they arrived (SparseDistribution messages), standing in for a dense (k, V)
+    tensor where the decode loop only slices and forwards them: the router passes them from the draft service to
+    the verifier without ever building the dense rows."""
+
+    def __init__(self, rows, vocab_size: int):
+        self.rows, self.vocab_size = list(rows), vocab_size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.vocab_size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: slice) -> SparseRows:
+        return SparseRows(self.rows[index], self.vocab_size)
+
+    def dense(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        return dense_from_sparse(self.rows, self.vocab_size, device)
+
+
+def sparse_from_dense(probs) -> list[vpb.SparseDistribution]:
     """(k, V) distributions -> k sparse ones holding exactly the nonzero entries."""
-    out = []
-    for row in probs.detach().float().cpu():
-        ids = row.nonzero().squeeze(-1)
-        out.append(vpb.SparseDistribution(token_ids=ids.tolist(), probs=row[ids].tolist()))
+    if isinstance(probs, SparseRows):
+        return probs.rows
+    p = probs.detach().float().cpu()
+    nz = p.nonzero()  # (N, 2), row-major
+    vals = p[nz[:, 0], nz[:, 1]].tolist()
+    cols = nz[:, 1].tolist()
+    out, i = [], 0
+    for n in torch.bincount(nz[:, 0], minlength=p.shape[0]).tolist():
+        out.append(vpb.SparseDistribution(token_ids=cols[i : i + n], probs=vals[i : i + n]))
+        i += n
     return out
 
 
 def dense_from_sparse(rows, vocab_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """k sparse distributions -> (k, V) float32, zeros elsewhere."""
+    counts = [len(r.token_ids) for r in rows]
+    if any(len(r.probs) != n for r, n in zip(rows, counts)):
+        raise ValueError("a draft distribution needs one probability per token id")
+    ids = torch.tensor([t for r in rows for t in r.token_ids], dtype=torch.long)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"draft distribution has token ids outside the vocabulary (0..{vocab_size - 1})")
+    vals = torch.tensor([p for r in rows for p in r.probs], dtype=torch.float32)
+    row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts, dtype=torch.long))
     q = torch.zeros(len(rows), vocab_size, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        ids = torch.tensor(list(r.token_ids), dtype=torch.long)
-        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"draft distribution has token ids outside the vocabulary (0..{vocab_size - 1})")
-        q[i, ids] = torch.tensor(list(r.probs), dtype=torch.float32)
+    q[row, ids] = vals
     return q.to(device)
 
 
