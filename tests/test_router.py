@@ -295,6 +295,7 @@ def test_a_cancelled_stream_frees_its_sessions(deployment):
         time.sleep(0.05)
     assert not router.decoder.has_work
     assert router.decoder.verifier.free_slots == router.decoder.verifier.max_sessions
+    assert router._pending == 0  # every request of the module so far is accounted for
 
 
 def test_a_full_queue_answers_resource_exhausted(deployment):

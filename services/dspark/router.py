@@ -77,7 +77,8 @@ class Router:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sent: dict[str, int] = {}
         self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (round spans link to them)
-        self._pending = 0  # submitted, not finished
+        self._pending = 0  # submitted, not finished (changed by both threads, under _lock)
+        self._lock = threading.Lock()
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stop = False
@@ -161,10 +162,12 @@ class Router:
                 f"the prompt has {len(prompt_ids)} tokens; this deployment's max_context is {v.max_context} "
                 "(prompt + output): shorten the prompt"
             )
-        if self._pending + len(params) > self.config.max_queue:
-            raise CapacityError(f"{self._pending} requests in flight (max {self.config.max_queue}); retry later")
         if policy:
             self.decoder._check_policy(policy)
+        with self._lock:
+            if self._pending + len(params) > self.config.max_queue:
+                raise CapacityError(f"{self._pending} requests in flight (max {self.config.max_queue}); retry later")
+            self._pending += len(params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         attrs = {"dspark.n": len(params), "dspark.prompt_tokens": len(prompt_ids), "dspark.policy": policy or ""}
@@ -175,7 +178,6 @@ class Router:
             choices.append(_Choice(i, rid))
             self._sinks[rid] = (loop, q)
             self._spans[rid] = span
-            self._pending += 1
             self._inbox.put(("add", rid, prompt_ids, sp, policy))
         self._wake.set()
         by_id = {c.request_id: c for c in choices}
@@ -252,7 +254,8 @@ class Router:
     def _finish(self, rid: str, item) -> None:
         self._post(rid, item)
         if self._sinks.pop(rid, None) is not None:
-            self._pending -= 1
+            with self._lock:
+                self._pending -= 1
         self._sent.pop(rid, None)
 
     def _drain_inbox(self) -> None:
