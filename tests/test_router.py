@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -314,3 +315,21 @@ def test_a_full_queue_answers_resource_exhausted(deployment):
         assert one.finish_reason == "length"
     finally:
         busy.close()
+
+
+def test_the_serve_config_builds_the_typed_application():
+    """What `serve run deploy/serve.yaml` does with the config's args: validated into RouterArgs."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from dspark.router_app import RouterArgs, app_builder
+
+    with open(Path(__file__).parents[1] / "deploy" / "serve.yaml") as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (app_config,) = config.applications
+    assert app_config.import_path == "dspark.router_app:app_builder"
+    app = call_user_app_builder_with_args_if_necessary(app_builder, app_config.args)
+    (args,) = app._bound_deployment.init_args
+    assert isinstance(args, RouterArgs) and args.verifier == "127.0.0.1:50061"
+    assert app_config.deployments[0].autoscaling_config["max_replicas"] >= 1

@@ -9,8 +9,7 @@ Serve config (deploy/serve.yaml), not here.
     serve run deploy/serve.yaml                 # or: dspark serve router
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Serve reads app_builder's annotation to validate its args
 import os
 
 from pydantic import BaseModel, Field
@@ -54,11 +53,12 @@ def _http_app():
 @serve.deployment(name="DSparkRouter", max_ongoing_requests=256)
 @serve.ingress(_http_app)
 class DSparkRouter:
-    def __init__(self, args: RouterArgs):
+    def __init__(self, args: RouterArgs | dict):
         import dspark.router_app as module  # this class may arrive pickled by value: reach the imported module
         from dspark import telemetry
 
         telemetry.setup(telemetry.ROUTER)
+        args = args if isinstance(args, RouterArgs) else RouterArgs.model_validate(args)
         self.router = Router(args.config())
         module._replica["router"] = self.router
 
@@ -85,7 +85,8 @@ class DSparkRouter:
             raise RuntimeError("the decode loop thread died")
 
     def __del__(self):
-        self.router.close()
+        if getattr(self, "router", None) is not None:
+            self.router.close()
 
 
 def app_builder(args: RouterArgs) -> Application:
