@@ -332,3 +332,32 @@ def test_a_local_target_with_a_remote_drafter(stack, target_model):
     out = dec.generate(PROMPTS, GREEDY)
     assert [c.token_ids for c in out] == plain_greedy(target_model)
     assert sum(c.stats.accepted for c in out) > 0
+
+
+def test_reflection_lists_the_services_and_deadlines_are_honoured_while_queued(bg, target_model):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    core = make_verifier_core(target_model)
+    slow = core.prefill_msg
+
+    def prefill_slowly(m):
+        time.sleep(1.0)
+        return slow(m)
+
+    core.prefill_msg = prefill_slowly
+    v = bg.run(start_verifier(core))
+    ch = grpc.insecure_channel(f"127.0.0.1:{v.port}")
+    names = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"dspark.v1.VerifierService", "grpc.health.v1.Health"} <= names
+    stub = verifier_pb2_grpc.VerifierServiceStub(ch)
+    one = vpb.PrefillInput(requests=[vpb.PrefillRequest(session_id="a", token_ids=[3], params=vpb.SamplingParams())])
+    two = vpb.PrefillInput(requests=[vpb.PrefillRequest(session_id="b", token_ids=[3], params=vpb.SamplingParams())])
+    busy = stub.Prefill.future(one, timeout=10)
+    time.sleep(0.2)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Prefill(two, timeout=0.3)  # queued behind the busy model past its deadline
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(busy.result().results) == 1
+    assert core.sessions == 1  # the expired call never reached the model
+    ch.close()
+    bg.run(v.stop(0))
