@@ -66,10 +66,10 @@ def target_model():
     return _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
 
 
-def make_verifier_core(model, max_requests=16, ttl_s=600.0, clock=None):
+def make_verifier_core(model, max_requests=16, ttl_s=600.0, clock=None, sps=KNEE):
     engine = TargetEngine(EngineConfig(max_requests=max_requests, max_context=24, feature_layers=LAYERS), model=model)
     extra = {} if clock is None else {"clock": clock}
-    return VerifierCore(engine, KNEE, eos_token_ids=(), ttl_s=ttl_s, **extra)
+    return VerifierCore(engine, sps, eos_token_ids=(), ttl_s=ttl_s, **extra)
 
 
 def make_draft_core(model, max_support=4, ttl_s=600.0, clock=None):
@@ -323,6 +323,34 @@ def test_replica_pools_pin_requests_and_survive_losing_a_replica(bg, target_mode
     assert sum(c.stats.drafted for c in out) > 0
     for s in (vs[1], ds[1]):
         bg.run(s.stop(0))
+
+
+def test_a_pool_prices_each_replica_with_its_own_table_and_stays_exact(bg, stack, target_model):
+    """Two verifier replicas on 'different hardware': one where a bigger batch costs nothing (it verifies whole
+    blocks), one whose cost grows with every query token (it verifies anchors only); greedy output is exact."""
+    from dspark.pool import VerifierPool
+
+    flat = SpsTable((1, 1024), (100.0, 100.0))
+    linear = SpsTable(tuple(range(1, 257)), tuple(100.0 / b for b in range(1, 257)))
+    vs = [bg.run(start_verifier(make_verifier_core(target_model, max_requests=2, sps=t))) for t in (flat, linear)]
+    pool = VerifierPool([RemoteVerifier(f"127.0.0.1:{v.port}") for v in vs])
+    assert [pool.sps_of(r.address) for r in pool.replicas] == [flat, linear]
+    dec = Decoder(pool, RemoteProposer(f"127.0.0.1:{stack[1].port}", pool.vocab_size), num_draft=4, policy="dspark")
+    ids = [dec.add_request(p, GREEDY) for p in PROMPTS]
+    done = {c.request_id: c for c in dec.step()}
+    pins = {rid: pool.replica_of(rid) for rid in ids}
+    assert sorted(pins.values()) == sorted(r.address for r in pool.replicas for _ in range(2))
+    while dec.has_work:
+        done.update((c.request_id, c) for c in dec.step())
+    out = [done[i] for i in ids]
+    assert [c.token_ids for c in out] == plain_greedy(target_model)
+    for rid, c in zip(ids, out):
+        assert c.stats.drafted > 0
+        expect = c.stats.drafted if pins[rid] == pool.replicas[0].address else 0
+        assert c.stats.scheduled == expect
+    pool.close()
+    for v in vs:
+        bg.run(v.stop(0))
 
 
 def test_a_local_target_with_a_remote_drafter(stack, target_model):

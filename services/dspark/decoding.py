@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -102,8 +103,9 @@ class Decoder:
         self.num_draft = num_draft if proposer is not None else 0
         self.sps, self.threshold = (sps if sps is not None else self.verifier.sps), threshold
         self.policy = self._check_policy(policy)
-        # dspark-async: the batch capacities computed from the last two rounds' confidences (oldest first)
-        self._capacities: collections.deque[int | None] = collections.deque([None, None], maxlen=2)
+        # dspark-async, per verifier replica (None: a verifier without replicas): the batch capacities computed from
+        # the last two rounds' confidences (oldest first)
+        self._capacities: dict[Hashable, collections.deque[int | None]] = {}
         self.eos_token_ids = frozenset(eos_token_ids)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._running: list[_Request] = []
@@ -249,8 +251,33 @@ class Decoder:
         return self.proposer.propose(reqs)
 
     def _schedule(self, batch: list[_Request], proposals: list[Proposal]) -> list[int]:
-        """Verification budget per request: how much of each proposal the target checks this round. The load is
-        this engine's whole batch, priced with this engine's own SPS table."""
+        """Verification budget per request: how much of each proposal the target checks this round. The load is what
+        each verifier replica batches: the round's requests are grouped by the replica they are pinned to and each
+        group is priced with that replica's own SPS table (a verifier without replicas: one group, its table)."""
+        replica_of = getattr(self.verifier, "replica_of", None)
+        groups: dict[Hashable, list[int]] = {}
+        for i, r in enumerate(batch):
+            groups.setdefault(None if replica_of is None else replica_of(r.request_id), []).append(i)
+        lengths = [0] * len(batch)
+        for replica, idx in groups.items():
+            history = self._capacities.setdefault(replica, collections.deque([None, None], maxlen=2))
+            group = self._schedule_group(
+                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica), history
+            )
+            for i, n in zip(idx, group):
+                lengths[i] = n
+        return lengths
+
+    def _sps_of(self, replica: Hashable) -> SpsTable | None:
+        """A replica's own table; the decoder's (`sps`, else the verifier's) without replicas or when it has none."""
+        table = None if replica is None else self.verifier.sps_of(replica)
+        return self.sps if table is None else table
+
+    def _schedule_group(
+        self, batch: list[_Request], proposals: list[Proposal], sps: SpsTable | None, capacities: collections.deque
+    ) -> list[int]:
+        """The budgets of the requests one verifier batches, priced with its table; `capacities`: its dspark-async
+        capacities from the last two rounds it scheduled dspark-async requests in (oldest first)."""
         policies = [r.policy for r in batch]
         if all(p == "fixed" for p in policies) or not any(len(p.token_ids) for p in proposals):
             return [len(p.token_ids) for p in proposals]
@@ -262,10 +289,10 @@ class Decoder:
                 conf.append([1.0] * len(p.token_ids))  # no estimate: counted as surviving in the others' Theta
             else:
                 raise ValueError(f"the {r.policy} policy needs a proposer that reports confidences")
-        capacity = self._capacities[0]
+        capacity = capacities[0]
         if "dspark-async" in policies:  # two rounds on, this round's confidences size that round's batch
-            self._capacities.append(batch_capacity(conf, self.sps))
-        return schedule(policies, conf, self.sps, self.threshold, capacity)
+            capacities.append(batch_capacity(conf, sps))
+        return schedule(policies, conf, sps, self.threshold, capacity)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""

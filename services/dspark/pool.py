@@ -6,8 +6,8 @@ its RemoteVerifier's recover_s is dropped, and its requests are prefilled again 
 history (their output stays exact). ProposerPool: requests are spread over draft replicas the same way; while a
 replica is down its requests move to another one, which reopens their sessions with all their features.
 
-The scheduler still prices the whole round with one SPS table (the first replica's): with replicas of one kind and
-an even spread this overstates the cost of a round, so budgets err on the short side.
+The decode loop prices each replica's share of a round with that replica's own SPS table (`replica_of`, `sps_of`):
+the load a replica sees is the requests pinned to it, and replicas on different hardware have different tables.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dspark.engine import CapacityError
 from dspark.proposer import DraftRequest, Proposal
 from dspark.remote import RemoteProposer, RemoteVerifier
+from dspark.scheduler import SpsTable
 from dspark.verifier import Prefilled, PrefillItem, Verified, VerifyItem
 
 log = logging.getLogger("dspark.pool")
@@ -39,12 +40,9 @@ class VerifierPool:
                 raise ValueError(f"verifier {r.address} does not serve the same model setup as {first.address}")
         self.replicas = list(replicas)
         self.model, self.vocab_size, self.max_context = first.model, first.vocab_size, first.max_context
-        self.eos_token_ids, self.feature_layers, self.device, self.sps = (
-            first.eos_token_ids,
-            first.feature_layers,
-            first.device,
-            first.sps,
-        )
+        self.eos_token_ids, self.feature_layers, self.device = first.eos_token_ids, first.feature_layers, first.device
+        # the table of a replica that has none of its own (and what says the pool can run dspark at all)
+        self.sps = next((r.sps for r in replicas if r.sps is not None), None)
         self._pin: dict[str, RemoteVerifier] = {}
         self._threads = ThreadPoolExecutor(max_workers=len(replicas), thread_name_prefix="dspark-verify")
         self.failovers = 0  # sessions moved off a lost replica
@@ -56,6 +54,13 @@ class VerifierPool:
     @property
     def free_slots(self) -> int:
         return sum(r.free_slots for r in self.replicas)
+
+    def replica_of(self, request_id: str) -> str:
+        """The address of the replica a running request is pinned to."""
+        return self._pin[request_id].address
+
+    def sps_of(self, replica: str) -> SpsTable | None:
+        return next((r.sps for r in self.replicas if r.address == replica), None)
 
     @property
     def restored(self) -> int:

@@ -8,6 +8,7 @@ come from it, so a seeded request reproduces wherever its verifier runs.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +64,20 @@ class Verifier(Protocol):
     def verify(self, items: list[VerifyItem]) -> list[Verified]: ...
 
     def release(self, request_id: str) -> None: ...
+
+
+class ReplicatedVerifier(Verifier, Protocol):
+    """A verifier made of several replicas (`dspark.pool.VerifierPool`), each request pinned to one of them. The decode
+    loop prices each replica's share of a round with that replica's own SPS table (replicas on different hardware have
+    different tables); a verifier without these methods is one replica priced with its `sps`."""
+
+    def replica_of(self, request_id: str) -> Hashable:
+        """The replica a running request is pinned to (any hashable key but None)."""
+        ...
+
+    def sps_of(self, replica: Hashable) -> SpsTable | None:
+        """That replica's SPS table (None: it has none; the decode loop then uses `sps`)."""
+        ...
 
 
 class LocalVerifier:
