@@ -14,7 +14,7 @@ STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum 
 PROTOS := $(wildcard protos/dspark/v1/*.proto)
 STUBS := services/dspark/v1/generation_pb2_grpc.py
 
-.PHONY: help install setup models proto lint test test-fast run generate profile bench-engine bench-policies clean
+.PHONY: help install setup models proto lint test test-fast run generate profile bench-engine bench-policies bench-services clean
 
 help:
 	@echo "make run           set up, start verifier + draft + router on the default model ($(MODEL)); DRAFTER=path"
@@ -24,6 +24,7 @@ help:
 	@echo "make profile       measure the verifier's SPS(B) cost table for MODEL on this machine"
 	@echo "make bench-engine  engine benchmark (not a test)"
 	@echo "make bench-policies every verification policy over a concurrency sweep (not a test)"
+	@echo "make bench-services in-process vs verifier + draft + router processes, concurrency 1 and 8 (not a test)"
 	@echo "make lint | make proto"
 
 $(STAMP):
@@ -78,6 +79,9 @@ bench-engine: setup
 
 bench-policies: setup
 	$(VENV)/bin/dspark bench-policies --model $(MODEL) $(BENCH_ARGS)
+
+bench-services: setup
+	$(VENV)/bin/dspark bench-services --model $(MODEL) $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info services/*.egg-info

@@ -1,4 +1,4 @@
-"""`dspark` command line: generate, models, bench-engine."""
+"""`dspark` command line: generate, serve, models, profile, benchmarks, data, train, eval."""
 
 from __future__ import annotations
 
@@ -227,6 +227,13 @@ def cmd_bench_policies(a) -> int:
     return 0
 
 
+def cmd_bench_services(a) -> int:
+    from dspark.bench_services import run
+
+    run(a, _engine_config(a))
+    return 0
+
+
 def cmd_bench_engine(a) -> int:
     from dspark.bench_engine import run
 
@@ -362,6 +369,26 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model/device)")
     bp.add_argument("--out", default="bench-results/policies")
     bp.set_defaults(fn=cmd_bench_policies)
+
+    bs = sub.add_parser(
+        "bench-services", help="in-process vs disaggregated (verifier, draft, router processes): latency, throughput"
+    )
+    _engine_args(bs)
+    bs.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
+    bs.add_argument("--policy", default="dspark", choices=POLICIES)
+    bs.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    bs.add_argument("--requests", type=int, default=None, help="prompts per level (default: max(4, 2 x concurrency))")
+    bs.add_argument("--repeats", type=int, default=2, help="runs of each mode per level, interleaved")
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--max-prompt", type=int, default=256, help="prompts keep their last N tokens")
+    bs.add_argument("--temperature", type=float, default=0.0, help="0: both modes must give identical outputs")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model/device)")
+    bs.add_argument("--ray", action="store_true", help="the router on Ray Serve (default: --no-ray, same decode loop)")
+    bs.add_argument("--wait", type=float, default=600.0, help="seconds each service may take to become healthy")
+    bs.add_argument("--timeout", type=float, default=600.0, help="deadline of each gRPC call")
+    bs.add_argument("--out", default="bench-results/services")
+    bs.set_defaults(fn=cmd_bench_services)
 
     d = sub.add_parser("data", help="regenerate drafter training responses with the target (resumable)")
     _engine_args(d)

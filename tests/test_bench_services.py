@@ -1,0 +1,79 @@
+"""`dspark bench-services`: its pure parts (statistics, ratios of the same run, the table) and the process list it
+starts (the `dspark serve local` pieces)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from dspark.bench_services import DISAGGREGATED, IN_PROCESS, Sample, format_table, goals, matching, ratios, summarise
+
+
+def _s(i, tokens, seconds, rounds=4, accepted=4, ids=(1, 2)):
+    return Sample(i, tokens, seconds, rounds, accepted, tuple(ids))
+
+
+def test_summarise_pools_repeats():
+    row = summarise(IN_PROCESS, 1, [([_s(0, 10, 1.0), _s(1, 10, 2.0)], 3.0), ([_s(0, 20, 1.0)], 1.0)])
+    assert row["requests"] == 3 and row["tokens"] == 40 and row["wall_s"] == 4.0
+    assert row["throughput_tps"] == pytest.approx(10.0)
+    assert row["ms_per_token"] == pytest.approx((100 + 200 + 50) / 3)
+    assert row["ms_per_token_p50"] == pytest.approx(100.0)
+    assert row["request_s"] == pytest.approx(4 / 3)
+    assert row["tau"] == pytest.approx((12 + 12) / 12)
+
+
+def test_ratios_goal_and_table():
+    local = summarise(IN_PROCESS, 1, [([_s(0, 10, 1.0)], 1.0)])
+    remote = summarise(DISAGGREGATED, 1, [([_s(0, 10, 1.1)], 1.1)])
+    only_local = summarise(IN_PROCESS, 8, [([_s(0, 10, 1.0)], 1.0)])
+    rows = [local, remote, only_local]
+    r = ratios(rows)
+    assert len(r) == 1 and r[0]["concurrency"] == 1
+    assert r[0]["ms_per_token"] == pytest.approx(1.1) and r[0]["throughput"] == pytest.approx(1 / 1.1)
+    g = goals(r)
+    assert g["c1_ms_per_token_ratio"] == pytest.approx(1.1) and g["c1_within_15pct"] is True
+    assert goals(ratios([local, summarise(DISAGGREGATED, 1, [([_s(0, 10, 1.2)], 1.2)])]))["c1_within_15pct"] is False
+    assert goals([]) == {}
+    table = format_table(rows, r).splitlines()
+    assert table[0].split()[:4] == ["mode", "conc", "reqs", "tok/s"]
+    assert table[1].split()[:2] == [IN_PROCESS, "1"] and table[2].split()[:2] == [DISAGGREGATED, "1"]
+    assert table[3].split() == ["dis", "/", "in", "1", "0.909x", "1.100x"]
+    assert table[4].split()[:2] == [IN_PROCESS, "8"] and len(table) == 5
+
+
+def test_matching_compares_outputs_by_prompt():
+    a = [_s(0, 2, 1.0, ids=(1, 2)), _s(1, 2, 1.0, ids=(3, 4))]
+    b = [_s(1, 2, 1.0, ids=(3, 4)), _s(0, 2, 1.0, ids=(1, 5))]
+    assert matching(a, b) == 0.5 and matching(a, a) == 1.0 and matching(a, []) == 0.0
+
+
+def test_the_stack_it_starts_is_the_serve_local_one():
+    from dspark.launcher import _pieces
+
+    a = SimpleNamespace(
+        model="m",
+        device="cpu",
+        dtype="float32",
+        max_requests=8,
+        max_context=2048,
+        threads=1,
+        drafter=None,
+        sps_profile="/x/sps.json",
+        policy="dspark",
+        verifier_port=1,
+        draft_port=2,
+        grpc_port=3,
+        http_port=4,
+        no_ray=True,
+        metrics_ports=(0, 0),
+    )
+    (vn, va, vh), (dn, da, dh), (rn, ra, rh) = _pieces(a)
+    assert (vn, dn, rn) == ("verifier", "draft", "router")
+    assert va[0] == "verifier" and "--sps-profile" in va and va[va.index("--metrics-port") + 1] == "0"
+    assert da[da.index("--threads") + 1] == "1" and da[da.index("--port") + 1] == "2"
+    assert ra[ra.index("--verifier") + 1] == vh == "127.0.0.1:1" and ra[ra.index("--draft") + 1] == dh
+    assert "--no-ray" in ra and rh == "http://127.0.0.1:4/healthz"
+    del a.metrics_ports  # `dspark serve local`: the services' default metrics ports
+    assert "--metrics-port" not in _pieces(a)[0][1]
