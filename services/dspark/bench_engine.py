@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 
 from dspark import sps_profile
+from dspark.bench_policies import eval_prompts
 from dspark.decoding import Decoder
 from dspark.engine import TargetEngine
-from dspark.eval_data import EVAL_SETS, first_turns
-from dspark.prompt import encode_prompt
 from dspark.runtime import build_decoder, build_proposer
 from dspark.sampling import SamplingParams
 
@@ -55,9 +54,7 @@ def run(config, a) -> dict:
     print("verifier step time vs query tokens B (8 tokens per request, 128 cached tokens each):", flush=True)
     curve = sps_curve(engine, a.max_b)
 
-    sets = [s for s in EVAL_SETS]
-    texts = [first_turns(sets[i % len(sets)], limit=i // len(sets) + 1)[-1] for i in range(a.prompts)]
-    prompts = [encode_prompt(engine.tokenizer, t)[-256:] for t in texts]
+    prompts = eval_prompts(engine.tokenizer, a.prompts, max_prompt=256)
     n = a.new_tokens
     print(f"batch 1, greedy, {len(prompts)} prompts x {n} new tokens:", flush=True)
     spec = Decoder(engine, build_proposer(config, engine, a.draft), a.num_draft, plain.eos_token_ids)

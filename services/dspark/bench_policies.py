@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dspark.decoding import Decoder
+from dspark.decoding import Completion, Decoder
 from dspark.eval_data import EVAL_SETS, first_turns
 from dspark.prompt import encode_prompt
 from dspark.sampling import SamplingParams
@@ -30,26 +30,36 @@ def eval_prompts(tokenizer, n: int, max_prompt: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, t)[-max_prompt:] for t in texts]
 
 
-def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, policy: str, concurrency: int) -> dict:
-    """All prompts through dec at `concurrency` requests in flight under `policy`."""
-    queue = list(enumerate(prompts))
-    arrival, finish, comps = {}, {}, {}
-    start = time.perf_counter()
+def closed_loop(
+    dec: Decoder, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, tag: str, policy=None
+) -> tuple[list[tuple[int, Completion, float]], float]:
+    """All prompts through dec with `concurrency` in flight, each finished request replaced by the next:
+    ([(prompt index, completion, seconds from arrival to finish)], wall seconds)."""
+    queue = list(range(len(prompts)))
+    arrival: dict[str, tuple[int, float]] = {}
+    out = []
 
     def submit():
-        i, p = queue.pop(0)
-        rid = dec.add_request(p, params, request_id=f"bench-{policy}-{concurrency}-{i}", policy=policy)
-        arrival[rid] = time.perf_counter()
+        i = queue.pop(0)
+        rid = dec.add_request(prompts[i], params[i], request_id=f"bench-{tag}-{i}", policy=policy)
+        arrival[rid] = (i, time.perf_counter())
 
+    start = time.perf_counter()
     for _ in range(min(concurrency, len(queue))):
         submit()
     while dec.has_work:
         for c in dec.step():
-            finish[c.request_id], comps[c.request_id] = time.perf_counter(), c
+            i, t0 = arrival.pop(c.request_id)
+            out.append((i, c, time.perf_counter() - t0))
             if queue:
                 submit()
-    wall = time.perf_counter() - start
-    done = list(comps.values())
+    return out, time.perf_counter() - start
+
+
+def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, policy: str, concurrency: int) -> dict:
+    """All prompts through dec at `concurrency` requests in flight under `policy`."""
+    runs, wall = closed_loop(dec, prompts, [params] * len(prompts), concurrency, f"{policy}-{concurrency}", policy)
+    done = [c for _, c, _ in runs]
     tokens = sum(len(c.token_ids) for c in done)
     rounds = sum(c.stats.rounds for c in done)
     return {
@@ -59,7 +69,7 @@ def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, po
         "tokens": tokens,
         "wall_s": wall,
         "throughput_tps": tokens / wall,
-        "per_user_tps": statistics.mean(len(c.token_ids) / (finish[r] - arrival[r]) for r, c in comps.items()),
+        "per_user_tps": statistics.mean(len(c.token_ids) / latency for _, c, latency in runs),
         "budget_per_round": sum(c.stats.scheduled for c in done) / max(1, rounds),
         "drafted_per_round": sum(c.stats.drafted for c in done) / max(1, rounds),
         "tau": (sum(c.stats.accepted for c in done) + rounds) / max(1, rounds),

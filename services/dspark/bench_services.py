@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+from dspark.bench_policies import closed_loop, eval_prompts
 from dspark.sampling import SamplingParams
 
 IN_PROCESS, DISAGGREGATED = "in-process", "disaggregated"
@@ -142,26 +143,9 @@ def matching(a: list[Sample], b: list[Sample]) -> float:
 
 def run_in_process(dec, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, tag: str):
     """All prompts through the Decoder in this process at `concurrency` in flight: (samples, wall seconds)."""
-    queue = list(range(len(prompts)))
-    arrival: dict[str, tuple[int, float]] = {}
-    out: list[Sample] = []
-
-    def submit():
-        i = queue.pop(0)
-        rid = dec.add_request(prompts[i], params[i], request_id=f"bench-{tag}-{i}")
-        arrival[rid] = (i, time.perf_counter())
-
-    start = time.perf_counter()
-    for _ in range(min(concurrency, len(queue))):
-        submit()
-    while dec.has_work:
-        for c in dec.step():
-            i, t0 = arrival.pop(c.request_id)
-            s = c.stats
-            out.append(Sample(i, len(c.token_ids), time.perf_counter() - t0, s.rounds, s.accepted, tuple(c.token_ids)))
-            if queue:
-                submit()
-    return out, time.perf_counter() - start
+    runs, wall = closed_loop(dec, prompts, params, concurrency, tag)
+    samples = [Sample(i, len(c.token_ids), t, c.stats.rounds, c.stats.accepted, tuple(c.token_ids)) for i, c, t in runs]
+    return samples, wall
 
 
 def run_remote(stub, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, timeout_s: float):
@@ -210,7 +194,6 @@ def run(a, config) -> dict:
     import torch
 
     from dspark import sps_profile
-    from dspark.bench_policies import eval_prompts
     from dspark.launcher import local_stack
     from dspark.model_store import dspark_home
     from dspark.runtime import build_dspark_decoder

@@ -226,10 +226,8 @@ def run_eval(a, out=sys.stdout) -> dict:
     """`dspark eval` (argparse namespace from cli.py): load target + drafter, decode each dataset's first turns."""
     from dspark.config import EngineConfig
     from dspark.eval_data import first_turns
-    from dspark.model_store import load_model
     from dspark.prompt import encode_prompt, eos_token_ids
-    from dspark.runtime import default_drafter_path
-    from dspark.training import load_trained_drafter
+    from dspark.runtime import default_drafter_path, load_target_with_drafter
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -238,20 +236,18 @@ def run_eval(a, out=sys.stdout) -> dict:
     drafter_path = Path(a.drafter) if a.drafter else default_drafter_path(a.model)
     # fail early on a bad dataset, before loading any model
     datasets = {dataset_name(d): first_turns(d, a.limit) for d in a.datasets}
-    model, tokenizer = load_model(a.model, dtype=a.dtype, device=a.device)
-    drafter = load_trained_drafter(drafter_path, model, tokenizer)
     config = EngineConfig(
         model=a.model,
         device=a.device,
         dtype=a.dtype,
         max_requests=a.max_requests,
         max_context=a.max_context,
-        feature_layers=tuple(drafter.config.feature_layers),
         threads=a.threads,
     )
-    engine = TargetEngine(config, model=model, tokenizer=tokenizer)
+    engine, drafter = load_target_with_drafter(config, drafter_path)
+    tokenizer = engine.tokenizer
     params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens)
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_token_ids(engine.model, tokenizer)
     room = a.max_context - a.max_tokens - 1
     result = {
         "drafter": str(drafter_path),

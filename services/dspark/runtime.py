@@ -61,21 +61,25 @@ def build_dspark_decoder(
     feature layers switched on, and the engine's SPS table (loaded, or quickly profiled when none matches)."""
     from dspark import sps_profile
     from dspark.dspark_proposer import DSparkProposer
-    from dspark.model_store import load_model
-    from dspark.training import load_trained_drafter
 
     if policy not in POLICIES:  # before loading anything
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    path = Path(drafter) if drafter else default_drafter_path(config.model)
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    d = load_trained_drafter(path, model, tokenizer)
-    engine = TargetEngine(
-        replace(config, feature_layers=tuple(d.config.feature_layers)), model=model, tokenizer=tokenizer
-    )
+    engine, d = load_target_with_drafter(config, Path(drafter) if drafter else default_drafter_path(config.model))
     sps = sps_profile.load_or_profile(engine, sps_profile_path, log=log)
     k = d.config.gamma if gamma is None else gamma
     if not 1 <= k <= d.config.gamma:
         raise ValueError(f"gamma must be in 1..{d.config.gamma} (the drafter's block size)")
-    return Decoder(
-        engine, DSparkProposer(d), k, eos_token_ids(model, tokenizer), policy=policy, sps=sps, threshold=threshold
-    )
+    eos = eos_token_ids(engine.model, engine.tokenizer)
+    return Decoder(engine, DSparkProposer(d), k, eos, policy=policy, sps=sps, threshold=threshold)
+
+
+def load_target_with_drafter(config: EngineConfig, drafter_path: Path):
+    """(TargetEngine, DSparkDrafter): the target, the `dspark train` drafter at drafter_path bound to its embedding
+    and LM head (refused when trained for another target), and the engine returning the drafter's feature layers."""
+    from dspark.model_store import load_model
+    from dspark.training import load_trained_drafter
+
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    drafter = load_trained_drafter(drafter_path, model, tokenizer)
+    config = replace(config, feature_layers=tuple(drafter.config.feature_layers))
+    return TargetEngine(config, model=model, tokenizer=tokenizer), drafter
