@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from test_router import Letters, _free_port
 from test_services import PROMPTS, Background, make_draft_core, make_verifier_core
 
-from dspark import metrics
+from dspark import metrics, telemetry
 from dspark.router import Router, RouterConfig
 from dspark.sampling import SamplingParams
 from dspark.serve import start_draft, start_verifier
@@ -30,7 +30,9 @@ def spans():
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    telemetry.enable_request_spans()  # what telemetry.setup() turns on in a service process
+    yield exporter
+    telemetry.enable_request_spans(False)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +56,36 @@ def test_one_trace_spans_router_draft_and_verifier_and_metrics_are_scraped(spans
         assert out.finish_reason == "length"
         got = spans.get_finished_spans()
         (gen,) = [s for s in got if s.name == "dspark.generate"]
-        rounds = [s for s in got if s.name == "dspark.round"]
-        assert rounds and all(gen.context.span_id in [lk.context.span_id for lk in r.links] for r in rounds)
+        trace_id = gen.context.trace_id
+        # the request's own trace: generate -> a round span per round -> the services' spans of this request
+        mine = [s for s in got if s.context.trace_id == trace_id]
+        rounds = [s for s in mine if s.name == "dspark.round"]
+        assert rounds and all(r.parent.span_id == gen.context.span_id for r in rounds)
+        assert [r.attributes["dspark.round"] for r in rounds] == list(range(1, len(rounds) + 1))
         r0 = rounds[0]
         assert r0.attributes["dspark.policy"] == "dspark" and r0.attributes["dspark.batch_size"] == 1
         assert {"dspark.budget", "dspark.accepted", "dspark.drafted"} <= set(r0.attributes)
+        accepted = sum(r.attributes["dspark.accepted"] for r in rounds)
+        assert len(rounds) + accepted == 8 - 1  # the first token comes from the prefill
         by_round = {r.context.span_id: r for r in rounds}
-        for name in ("dspark.draft", "dspark.verify"):
-            children = [s for s in got if s.name == name]
+        for name, service in (("dspark.prefill", "verifier"), ("dspark.draft", "draft"), ("dspark.verify", "verifier")):
+            children = [s for s in mine if s.name == name]
             assert children, name
-            for s in children:  # server spans in the services, children of a router round
+            for s in children:  # the services' share of a batched call, in the request's trace
                 assert s.kind == trace.SpanKind.SERVER and s.parent.span_id in by_round
-                assert s.context.trace_id == by_round[s.parent.span_id].context.trace_id
-                assert s.attributes["dspark.service"] in ("draft", "verifier")
+                assert s.attributes["dspark.service"] == service and s.attributes["dspark.session_id"]
+                (link,) = s.links  # to the server span of the whole batched call
+                assert link.context.trace_id != trace_id
+        assert {s.parent.span_id for s in mine if s.name == "dspark.verify"} == set(by_round)
+
+        # the batch's view: a trace per round, linked to the requests it carried, the calls' server spans below it
+        batches = [s for s in got if s.name == "dspark.batch"]
+        assert len(batches) == len(rounds)
+        assert all(gen.context.span_id in [lk.context.span_id for lk in b.links] for b in batches)
+        by_batch = {b.context.span_id: b for b in batches}
+        served = [s for s in got if s.name == "dspark.verify" and s.context.trace_id != trace_id]
+        assert len(served) == len(batches) and all(s.parent.span_id in by_batch for s in served)
+        assert all(r.links[0].context.span_id in by_batch for r in rounds)
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         for needle in (

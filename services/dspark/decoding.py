@@ -157,6 +157,10 @@ class Decoder:
         """Tokens emitted so far by each running request (for streaming; the lists are live, do not modify)."""
         return {r.request_id: r.output for r in self._running}
 
+    def live_stats(self) -> dict[str, tuple[str, RequestStats]]:
+        """(policy, live statistics) of every queued or running request; the stats objects update as rounds run."""
+        return {r.request_id: (r.policy, r.stats) for q in (self._waiting, self._running) for r in q}
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)

@@ -66,20 +66,23 @@ async def call(
     context: grpc.aio.ServicerContext, lock: asyncio.Lock, fn: Callable[..., Any], msg, service: str, method: str
 ) -> Any:
     """fn(msg) in a worker thread, one call at a time (one model per process), honouring the caller's deadline while
-    waiting for the model; exceptions become status codes. Each call is a server span (child of the caller's round
-    span when the metadata carries one) and is timed in dspark_rpc_seconds."""
-    batch = len(getattr(msg, "requests", getattr(msg, "session_ids", ())))
+    waiting for the model; exceptions become status codes. Each call is a server span (child of the caller's batch
+    span when the metadata carries one), plus a span per traced request in the requests' own traces (telemetry.py),
+    and is timed in dspark_rpc_seconds."""
+    requests = getattr(msg, "requests", ())
+    batch = len(requests) or len(getattr(msg, "session_ids", ()))
     parent = telemetry.incoming_context(context.invocation_metadata())
     attrs = {"dspark.service": service, "dspark.batch_size": batch}
-    t = time.perf_counter()
+    t, start_ns = time.perf_counter(), time.time_ns()
     with telemetry.tracer().start_as_current_span(
         f"dspark.{method}", context=parent, kind=SpanKind.SERVER, attributes=attrs
-    ):
+    ) as span:
         try:
             return await _call_locked(context, lock, fn, msg)
         finally:
             metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - t)
             metrics.RPC_BATCH.labels(service, method).observe(batch)
+            telemetry.record_request_spans(f"dspark.{method}", service, requests, start_ns, time.time_ns(), span)
 
 
 async def _call_locked(context, lock: asyncio.Lock, fn, *args) -> Any:

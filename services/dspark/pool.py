@@ -12,9 +12,10 @@ the load a replica sees is the requests pinned to it, and replicas on different 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from dspark.engine import CapacityError
 from dspark.proposer import DraftRequest, Proposal
@@ -23,6 +24,11 @@ from dspark.scheduler import SpsTable
 from dspark.verifier import Prefilled, PrefillItem, Verified, VerifyItem
 
 log = logging.getLogger("dspark.pool")
+
+
+def _submit(threads: ThreadPoolExecutor, fn, arg) -> Future:
+    """fn(arg) on a pool thread, in a copy of this thread's context (the round's trace context goes along)."""
+    return threads.submit(contextvars.copy_context().run, fn, arg)
 
 
 class VerifierPool:
@@ -74,7 +80,7 @@ class VerifierPool:
 
     def _fan_out(self, method: str, items: list, groups) -> tuple[list, list[RemoteVerifier]]:
         """Call each replica with its items in parallel; (results in item order, replicas that failed)."""
-        futures = {r: self._threads.submit(getattr(r, method), [items[i] for i in idx]) for r, idx in groups.items()}
+        futures = {r: _submit(self._threads, getattr(r, method), [items[i] for i in idx]) for r, idx in groups.items()}
         out, lost = [None] * len(items), []
         for r, f in futures.items():
             try:
@@ -188,7 +194,7 @@ class ProposerPool:
         groups: dict[RemoteProposer, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self._pin_for(r.request_id), []).append(i)
-        futures = {p: self._threads.submit(p.propose, [requests[i] for i in idx]) for p, idx in groups.items()}
+        futures = {p: _submit(self._threads, p.propose, [requests[i] for i in idx]) for p, idx in groups.items()}
         out: list[Proposal | None] = [None] * len(requests)
         for p, f in futures.items():
             for i, prop in zip(groups[p], f.result()):

@@ -113,7 +113,13 @@ class RemoteVerifier:
             "verifier %s lost %d session(s); prefilling them again from history", self.address, len(session_ids)
         )
         reqs = [
-            vpb.PrefillRequest(session_id=s, token_ids=self._history[s][:-1], params=self._params[s], restore=True)
+            vpb.PrefillRequest(
+                session_id=s,
+                token_ids=self._history[s][:-1],
+                params=self._params[s],
+                restore=True,
+                trace_context=telemetry.request_context(s),
+            )
             for s in session_ids
             if s in self._history
         ]
@@ -127,6 +133,7 @@ class RemoteVerifier:
                 token_ids=it.token_ids,
                 params=wire.params_to_proto(it.params),
                 restore=it.restore,
+                trace_context=telemetry.request_context(it.request_id),
             )
             for it in items
         ]
@@ -152,6 +159,7 @@ class RemoteVerifier:
                     draft_token_ids=it.draft_tokens.tolist(),
                     draft_probs=wire.sparse_from_dense(it.draft_probs),
                     position=len(hist) - 1,
+                    trace_context=telemetry.request_context(it.request_id),
                 )
             )
         out = self._call(self.stub.Verify, vpb.VerifyInput(requests=reqs), "Verify")
@@ -237,6 +245,7 @@ class RemoteProposer:
                     features=None if features is None else wire.tensor_to_proto(features, self.feature_dtype),
                     num_draft=k,
                     params=wire.params_to_proto(r.params),
+                    trace_context=telemetry.request_context(r.request_id),
                 )
             )
         return dpb.DraftInput(requests=reqs)

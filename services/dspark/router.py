@@ -76,7 +76,7 @@ class Router:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sent: dict[str, int] = {}
-        self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (round spans link to them)
+        self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (the parent of its round spans)
         self._pending = 0  # submitted, not finished (changed by both threads, under _lock)
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -305,18 +305,42 @@ class Router:
             metrics.RUNNING.set(self.decoder.running)
 
     def _round(self) -> list[Completion]:
-        """One decoder step in a dspark.round span linked to the requests it carries; its stats go to Prometheus."""
+        """One decoder step, traced twice: a dspark.batch span linked to the requests it carries, and a dspark.round
+        span in each traced request's own trace (telemetry.py); its stats go to Prometheus."""
         v, p = self.decoder.verifier, self.decoder.proposer
         v.round = stats = RoundStats()
         if p is not None:
             p.round = stats
         failures = getattr(p, "failures", 0)
         restored = getattr(v.inner, "restored", 0)
-        links = [Link(s.get_span_context()) for s in list(self._spans.values())[:64] if s.get_span_context().is_valid]
-        with telemetry.tracer().start_as_current_span("dspark.round", links=links) as span:
-            t = time.perf_counter()
-            finished = self.decoder.step()
-            total = time.perf_counter() - t
+        traced = {rid: s for rid, s in self._spans.copy().items() if s.is_recording()}
+        links = [Link(s.get_span_context()) for s in list(traced.values())[:64]]
+        with telemetry.tracer().start_as_current_span("dspark.batch", links=links) as span:
+            before = {}
+            if traced:  # the request-level view: each traced request's statistics before the round
+                live = self.decoder.live_stats()
+                before = {rid: (pol, st, st.scheduled, st.accepted, st.drafted) for rid, (pol, st) in live.items()}
+            with telemetry.round_spans(traced, span) as request_spans:
+                t = time.perf_counter()
+                finished = self.decoder.step()
+                total = time.perf_counter() - t
+
+            def attributes(rid: str) -> dict:
+                attrs = {"dspark.batch_size": stats.batch}
+                if rid in before:
+                    pol, st, scheduled, accepted, drafted = before[rid]
+                    attrs.update(
+                        {
+                            "dspark.policy": pol,
+                            "dspark.round": st.rounds,
+                            "dspark.drafted": st.drafted - drafted,
+                            "dspark.budget": st.scheduled - scheduled,
+                            "dspark.accepted": st.accepted - accepted,
+                        }
+                    )
+                return attrs
+
+            request_spans.end(attributes)
             if span.is_recording():
                 span.set_attributes(
                     {
