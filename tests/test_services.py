@@ -174,8 +174,9 @@ def test_verifier_restarted_mid_generation_loses_no_request(bg, target_model):
     d = bg.run(start_draft(make_draft_core(target_model)))
     port = v.port
     dec = remote_decoder(port, d.port, "dspark")
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    ids = [dec.add_request(p, params) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    seeded = [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=40 + i) for i in range(len(PROMPTS))]
+    ids = [dec.add_request(p, greedy) for p in PROMPTS] + [dec.add_request(p, sp) for p, sp in zip(PROMPTS, seeded)]
     done = {}
     for _ in range(2):
         done.update((c.request_id, c) for c in dec.step())
@@ -183,9 +184,12 @@ def test_verifier_restarted_mid_generation_loses_no_request(bg, target_model):
     v2 = bg.run(start_verifier(make_verifier_core(target_model), ServerConfig(address=f"127.0.0.1:{port}")))
     while dec.has_work:
         done.update((c.request_id, c) for c in dec.step())
-    out = [done[i] for i in ids]
-    assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
+    out = [done[i].token_ids for i in ids]
+    assert out[: len(PROMPTS)] == plain_greedy(target_model, params=greedy)
     assert dec.verifier.restored > 0  # sessions rebuilt from the router's history
+    # a seeded request's randomness is keyed by position: restored, it draws what it would have drawn uninterrupted
+    undisturbed = remote_decoder(port, d.port, "dspark").generate(PROMPTS + PROMPTS, [greedy] * len(PROMPTS) + seeded)
+    assert out == [c.token_ids for c in undisturbed]
     bg.run(v2.stop(0))
     bg.run(d.stop(0))
 

@@ -11,7 +11,7 @@ import torch
 
 from dspark.engine import QueryBlock, TargetEngine
 from dspark.proposer import DraftRequest, Proposal
-from dspark.sampling import DRAFT_STREAM, draw, logits_to_probs, make_generator
+from dspark.sampling import DRAFT_STREAM, RandomStreams, draw, logits_to_probs
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,19 +28,19 @@ class DraftModelProposer:
         self.engine = engine  # a model runner for the draft LM (same class as the target's)
         self.vocab_size = vocab_size or engine.vocab_size  # the target's vocabulary, drafts padded to it
         self._cached: dict[str, list[int]] = {}  # tokens whose KV the draft LM holds, per request
-        self._rng: dict[str, torch.Generator] = {}
+        self._rng = RandomStreams(DRAFT_STREAM, self.engine.device)
 
     def release(self, request_id: str) -> None:
         self.engine.release(request_id)
         self._cached.pop(request_id, None)
-        self._rng.pop(request_id, None)
+        self._rng.release(request_id)
 
     def _sync(self, r: DraftRequest) -> list[int]:
         """Roll the draft cache back to what still matches the history; return the tokens to feed."""
         if r.request_id not in self._cached:
             self.engine.add(r.request_id)
             self._cached[r.request_id] = []
-            self._rng[r.request_id] = make_generator(r.params.seed, self.engine.device, stream=DRAFT_STREAM)
+            self._rng.open(r.request_id, r.params.seed)
         keep = min(common_prefix(self._cached[r.request_id], r.token_ids), len(r.token_ids) - 1)
         self.engine.truncate(r.request_id, keep)
         self._cached[r.request_id] = r.token_ids[:keep]
@@ -70,6 +70,7 @@ class DraftModelProposer:
         tokens = {r.request_id: [] for r in active}
         probs = {r.request_id: [] for r in active}
         blocks = [QueryBlock(r.request_id, self._sync(r)) for r in active]
+        rng = {r.request_id: self._rng.at(r.request_id, len(r.token_ids)) for r in active}
         step = 0
         while active:
             logits = self._feed(blocks)
@@ -77,7 +78,7 @@ class DraftModelProposer:
                 q = logits_to_probs(lg[: self.vocab_size], r.params)  # (V_draft,)
                 if q.shape[-1] < self.vocab_size:
                     q = torch.nn.functional.pad(q, (0, self.vocab_size - q.shape[-1]))
-                tokens[r.request_id].append(draw(q, r.params, self._rng[r.request_id]))
+                tokens[r.request_id].append(draw(q, r.params, rng[r.request_id]))
                 probs[r.request_id].append(q)
             step += 1
             active = [r for r in active if r.num_draft > step]

@@ -8,7 +8,7 @@ import torch
 
 from dspark.drafter import ContextKV, DSparkDrafter
 from dspark.proposer import DraftRequest, Proposal
-from dspark.sampling import DRAFT_STREAM, make_generator
+from dspark.sampling import DRAFT_STREAM, RandomStreams
 
 
 class DSparkProposer:
@@ -19,7 +19,7 @@ class DSparkProposer:
         self.max_support = max_support
         self.device = next(drafter.parameters()).device
         self._ctx: dict[str, ContextKV] = {}  # context K/V of every token before the request's anchor
-        self._rng: dict[str, torch.Generator] = {}
+        self._rng = RandomStreams(DRAFT_STREAM, self.device)  # draft tokens from position p on: keyed by p
 
     @property
     def gamma(self) -> int:
@@ -27,7 +27,7 @@ class DSparkProposer:
 
     def release(self, request_id: str) -> None:
         self._ctx.pop(request_id, None)
-        self._rng.pop(request_id, None)
+        self._rng.release(request_id)
 
     def rollback(self, request_id: str, length: int) -> None:
         """Keep the context of the first `length` tokens only (a caller retrying a round it already sent)."""
@@ -38,7 +38,7 @@ class DSparkProposer:
     @torch.no_grad()
     def _absorb(self, r: DraftRequest) -> None:
         if r.request_id not in self._rng:
-            self._rng[r.request_id] = make_generator(r.params.seed, self.device, stream=DRAFT_STREAM)
+            self._rng.open(r.request_id, r.params.seed)
         if r.features is None or not len(r.features):
             return
         old = self._ctx.get(r.request_id)
@@ -68,7 +68,7 @@ class DSparkProposer:
                 lens,
                 [r.token_ids[-1] for r in active],
                 params=[r.params for r in active],
-                generator=[self._rng[r.request_id] for r in active],
+                generator=[self._rng.at(r.request_id, len(r.token_ids)) for r in active],
                 num_draft=k_max,
                 max_support=self.max_support,
             )

@@ -6,8 +6,8 @@ Both keep what is needed to rebuild their service's state, so a lost service cos
   verifies anchors only, plain decoding) and a retry after `retry_after_s`; a session the service no longer has
   (restart, expiry) is reopened from the start with the whole history and all its features.
 - RemoteVerifier: every request's token history. A session the verifier no longer has is restored by prefilling that
-  history again (on a restarted replica; the request's random stream is re-derived, see LocalVerifier), and an
-  unreachable verifier is retried until `recover_s` has passed.
+  history again (on a restarted replica; random numbers are keyed by position, so it draws what it would have), and
+  an unreachable verifier is retried until `recover_s` has passed.
 """
 
 from __future__ import annotations

@@ -94,12 +94,51 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def make_generator(seed: int | None, device: str | torch.device = "cpu", stream: int = 0) -> torch.Generator:
+def make_generator(
+    seed: int | None, device: str | torch.device = "cpu", stream: int = 0, position: int = 0
+) -> torch.Generator:
     """A per-request generator. The user's seed is hashed (splitmix64) together with a stream number, so requests
     with consecutive seeds get unrelated streams, and a request's verifier (stream 0) and drafter (stream 1) never
-    share one."""
+    share one; a nonzero position is hashed in as well (see RandomStreams)."""
     g = torch.Generator(device=device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    g.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ stream) >> 1)
+    g.manual_seed(_key(seed, stream, position))
     return g
+
+
+def _key(seed: int, stream: int, position: int) -> int:
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ stream)
+    if position:
+        key = _splitmix64(key ^ position)
+    return key >> 1
+
+
+class RandomStreams:
+    """The random numbers of many requests, keyed by (seed, stream, position): the draws for the tokens from
+    `position` on come from a generator seeded with all three. A request's randomness then depends only on its seed
+    and where it is, never on what ran before: a session restored on another verifier, or a retried call, draws
+    exactly what the lost one would have, so a seeded request reproduces through failures. Positions only grow, so
+    no two rounds of a request share a seed. A request without a seed gets a random one when it is opened."""
+
+    def __init__(self, stream: int, device: str | torch.device = "cpu"):
+        self.stream, self.device = stream, device
+        self._seeds: dict[str, int] = {}
+        self._generators: dict[str, torch.Generator] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._seeds
+
+    def open(self, request_id: str, seed: int | None) -> None:
+        self._seeds[request_id] = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        self._generators[request_id] = torch.Generator(device=self.device)
+
+    def at(self, request_id: str, position: int) -> torch.Generator:
+        """The request's generator for the draws of the tokens from `position` (index in prompt + output) on."""
+        g = self._generators[request_id]
+        g.manual_seed(_key(self._seeds[request_id], self.stream, position))
+        return g
+
+    def release(self, request_id: str) -> None:
+        self._seeds.pop(request_id, None)
+        self._generators.pop(request_id, None)

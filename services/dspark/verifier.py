@@ -2,8 +2,9 @@
 blocks for many requests at once. The decode loop talks to the target only through this interface, so the target
 can sit in this process (`LocalVerifier`) or behind a gRPC service (`dspark.verifier_client.RemoteVerifier`).
 
-A verifier owns each request's random stream (stream 0 of its seed): the first token and every accept/reject draw
-come from it, so a seeded request reproduces wherever its verifier runs.
+A verifier owns each request's random numbers (stream 0 of its seed, keyed by position: sampling.RandomStreams): the
+first token and every accept/reject draw come from them, so a seeded request reproduces wherever its verifier runs,
+also when its session is restored on another one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 import torch
 
 from dspark.engine import CapacityError, QueryBlock, TargetEngine
-from dspark.sampling import SamplingParams, draw, logits_to_probs, make_generator
+from dspark.sampling import RandomStreams, SamplingParams, draw, logits_to_probs
 from dspark.scheduler import SpsTable
 from dspark.verification import verify
 
@@ -90,7 +91,7 @@ class LocalVerifier:
         self.device = engine.device
         self.sps = sps
         self._params: dict[str, SamplingParams] = {}
-        self._rng: dict[str, torch.Generator] = {}
+        self._rng = RandomStreams(stream=0, device=self.device)
 
     @property
     def free_slots(self) -> int:
@@ -113,24 +114,28 @@ class LocalVerifier:
             except Exception:
                 self.engine.release(it.request_id)
                 raise
-            # a restored session must not replay the random numbers its lost predecessor already used
-            stream = 2 + len(it.token_ids) if it.restore else 0
-            rng = make_generator(it.params.seed, self.device, stream=stream)
-            self._params[it.request_id], self._rng[it.request_id] = it.params, rng
-            token = None if it.restore else int(draw(logits_to_probs(o.logits[-1], it.params), it.params, rng))
+            self._params[it.request_id] = it.params
+            self._rng.open(it.request_id, it.params.seed)
+            if it.restore:
+                token = None
+            else:
+                rng = self._rng.at(it.request_id, len(it.token_ids))
+                token = int(draw(logits_to_probs(o.logits[-1], it.params), it.params, rng))
             out.append(Prefilled(token, o.features))
         return out
 
     def verify(self, items: list[VerifyItem]) -> list[Verified]:
+        # the anchor sits at position `length`: this round draws the tokens from length + 1 on
+        firsts = [self.engine.length(it.request_id) + 1 for it in items]
         outs = self.engine.forward([QueryBlock(it.request_id, [it.anchor] + it.draft_tokens.tolist()) for it in items])
         results = []
-        for it, o in zip(items, outs):
+        for it, o, first in zip(items, outs, firsts):
             params = self._params[it.request_id]
             target_probs = logits_to_probs(o.logits, params)  # (k+1, V)
             q = (
                 it.draft_probs.dense(self.device) if hasattr(it.draft_probs, "dense") else it.draft_probs
             )  # wire.SparseRows
-            v = verify(it.draft_tokens, q, target_probs, self._rng[it.request_id], greedy=params.greedy)
+            v = verify(it.draft_tokens, q, target_probs, self._rng.at(it.request_id, first), greedy=params.greedy)
             self.engine.commit(it.request_id, 1 + v.accepted)  # anchor + accepted drafts
             feats = None if o.features is None else o.features[: 1 + v.accepted]
             results.append(Verified(v.accepted, v.tokens, v.bonus, feats))
@@ -139,4 +144,4 @@ class LocalVerifier:
     def release(self, request_id: str) -> None:
         self.engine.release(request_id)
         self._params.pop(request_id, None)
-        self._rng.pop(request_id, None)
+        self._rng.release(request_id)
