@@ -50,7 +50,7 @@ def test_matching_compares_outputs_by_prompt():
 
 
 def test_the_stack_it_starts_is_the_serve_local_one():
-    from dspark.launcher import _pieces
+    from dspark.launcher import pieces
 
     a = SimpleNamespace(
         model="m",
@@ -69,11 +69,11 @@ def test_the_stack_it_starts_is_the_serve_local_one():
         no_ray=True,
         metrics_ports=(0, 0),
     )
-    (vn, va, vh), (dn, da, dh), (rn, ra, rh) = _pieces(a)
+    (vn, va, vh), (dn, da, dh), (rn, ra, rh) = pieces(a)
     assert (vn, dn, rn) == ("verifier", "draft", "router")
     assert va[0] == "verifier" and "--sps-profile" in va and va[va.index("--metrics-port") + 1] == "0"
     assert da[da.index("--threads") + 1] == "1" and da[da.index("--port") + 1] == "2"
     assert ra[ra.index("--verifier") + 1] == vh == "127.0.0.1:1" and ra[ra.index("--draft") + 1] == dh
     assert "--no-ray" in ra and rh == "http://127.0.0.1:4/healthz"
     del a.metrics_ports  # `dspark serve local`: the services' default metrics ports
-    assert "--metrics-port" not in _pieces(a)[0][1]
+    assert "--metrics-port" not in pieces(a)[0][1]

@@ -21,6 +21,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.code, self.message = code, message
 
+    def __reduce__(self):  # picklable: Ray Serve sends a stream's error from the replica to its proxy
+        return ApiError, (self.code, self.message)
+
 
 def status_of(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):

@@ -1,10 +1,14 @@
 """`dspark serve local` (what `make run` runs): the verifier, the draft service and the Ray Serve router as three local
 processes, started in order, each waited for until healthy; then the endpoints and a client command are printed and
-everything runs until Ctrl-C / SIGTERM, when the processes are stopped in reverse order (each drains)."""
+everything runs until Ctrl-C / SIGTERM, when the processes are stopped in reverse order (each drains).
+
+`pieces` gives each process's command line, `start_piece` / `stop_piece` start (or restart, on the same command line
+and port) and stop one, `local_stack` runs all three; bench-services and the process-level tests use them too."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 
 def _grpc_healthy(address: str, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -49,8 +54,22 @@ def _http_healthy(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
 
 
-def _pieces(a) -> list[tuple[str, list[str], str]]:
-    """(name, `dspark serve` arguments, health address) of the verifier, draft service and router, in start order."""
+class Piece(NamedTuple):
+    """One process of the stack: its name, its `dspark serve` arguments, and where it answers when healthy."""
+
+    name: str  # "verifier", "draft" or "router" (also its log file's name)
+    args: list[str]  # `dspark serve` arguments
+    health: str  # host:port of a gRPC health service, or an http:// URL that answers 200
+
+    @property
+    def command(self) -> list[str]:
+        """The whole command line: the same on every start, so a restart comes back on the same port."""
+        return [sys.executable, "-m", "dspark.cli", "serve", *self.args]
+
+
+def pieces(a) -> list[Piece]:
+    """The verifier, draft service and router of `a` (the `dspark serve local` flags), in start order. Optional
+    fields of `a`: metrics_ports (verifier, draft), max_queue (the router's)."""
     engine = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--max-requests", str(a.max_requests)]
     engine += ["--max-context", str(a.max_context)] + (["--threads", str(a.threads)] if a.threads else [])
     drafter = ["--drafter", a.drafter] if a.drafter else []
@@ -58,43 +77,76 @@ def _pieces(a) -> list[tuple[str, list[str], str]]:
     v_addr, d_addr = f"127.0.0.1:{a.verifier_port}", f"127.0.0.1:{a.draft_port}"
     router = ["router", "--verifier", v_addr, "--draft", d_addr, "--policy", a.policy]
     router += ["--grpc-port", str(a.grpc_port), "--http-port", str(a.http_port)] + (["--no-ray"] if a.no_ray else [])
+    if getattr(a, "max_queue", None):
+        router += ["--max-queue", str(a.max_queue)]
     metrics = getattr(a, "metrics_ports", None)  # (verifier, draft); None: the services' defaults
     v_metrics = ["--metrics-port", str(metrics[0])] if metrics else []
     d_metrics = ["--metrics-port", str(metrics[1])] if metrics else []
     return [
-        ("verifier", ["verifier", *engine, *drafter, *sps, *v_metrics, "--port", str(a.verifier_port)], v_addr),
-        ("draft", ["draft", *engine, *drafter, *d_metrics, "--port", str(a.draft_port)], d_addr),
-        ("router", router, f"http://127.0.0.1:{a.http_port}/healthz"),
+        Piece("verifier", ["verifier", *engine, *drafter, *sps, *v_metrics, "--port", str(a.verifier_port)], v_addr),
+        Piece("draft", ["draft", *engine, *drafter, *d_metrics, "--port", str(a.draft_port)], d_addr),
+        Piece("router", router, f"http://127.0.0.1:{a.http_port}/healthz"),
     ]
 
 
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_piece(
+    piece: Piece, logs: Path, wait_s: float, env: dict[str, str] | None = None, restart: bool = False
+) -> subprocess.Popen:
+    """Start one piece (output to logs/NAME.log; a restart appends to it) and wait until it is healthy. `env`:
+    variables set on top of this process's environment. On failure the process is killed and the error carries
+    the tail of its log."""
+    path = logs / f"{piece.name}.log"
+    with open(path, "a" if restart else "w") as out:
+        if restart:
+            out.write(f"\n--- restarted: {' '.join(piece.command)}\n")
+            out.flush()
+        proc = subprocess.Popen(piece.command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        if piece.health.startswith("http"):
+            _http_healthy(piece.health, wait_s, proc)
+        else:  # the verifier may quick-profile its SPS table on the first start
+            _grpc_healthy(piece.health, wait_s, proc)
+    except (RuntimeError, TimeoutError) as e:
+        stop_piece(proc, timeout_s=5)
+        raise type(e)(f"the {piece.name}: {e}; the end of {path}:\n{log_tail(path)}") from e
+    return proc
+
+
+def stop_piece(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM (the piece drains and shuts down), SIGKILL after timeout_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
-def local_stack(a, logs: Path, log=print):
+def local_stack(a, logs: Path, log=print, env: dict[str, str] | None = None):
     """Start the verifier, the draft service and the router (`a`: the `dspark serve local` flags) as processes, in
-    order, each waited for until healthy; yield the processes; stop them in reverse order (each drains)."""
+    order, each waited for until healthy (`env`: extra environment of all three); yield the processes, in the order
+    of pieces(a); stop them in reverse order (each drains). The yielded list is the one stopped: a caller that
+    restarts a piece (start_piece(..., restart=True)) puts the new process in its place."""
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     try:
-        for name, args, health in _pieces(a):
-            path = logs / f"{name}.log"
-            log(f"starting the {name} (log: {path})")
-            with open(path, "w") as out:
-                cmd = [sys.executable, "-m", "dspark.cli", "serve", *args]
-                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
-            if health.startswith("http"):
-                _http_healthy(health, a.wait, procs[-1])
-            else:  # the verifier may quick-profile its SPS table on the first start
-                _grpc_healthy(health, a.wait, procs[-1])
+        for piece in pieces(a):
+            log(f"starting the {piece.name} (log: {logs / piece.name}.log)")
+            procs.append(start_piece(piece, logs, a.wait, env))
         yield procs
     finally:
         for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_piece(p)
 
 
 def run_local(a) -> int:
@@ -128,5 +180,5 @@ def run_local(a) -> int:
                 stop.wait(1)
             return 0
     except (RuntimeError, TimeoutError) as e:
-        print(f"dspark: {e}; see the logs in {logs}", file=sys.stderr)
+        print(f"dspark: {e}\n(all logs: {logs})", file=sys.stderr)
         return 1

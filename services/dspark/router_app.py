@@ -33,6 +33,7 @@ class RouterArgs(BaseModel):
     num_draft: int | None = Field(None, description="draft tokens per round; null = the drafter's block size")
     threshold: float = Field(0.5, description="survival threshold of the threshold policy")
     max_tokens: int = Field(4096, description="largest max_tokens a request may ask for")
+    max_queue: int = Field(1024, description="requests in flight (choices) before new ones get RESOURCE_EXHAUSTED")
     api_key: str | None = Field(None, description="bearer token for the public API; null = $DSPARK_API_KEY or open")
 
     def config(self) -> RouterConfig:
@@ -77,8 +78,11 @@ class DSparkRouter:
             async for m in generate_stream(self.router, request):
                 yield m
         except ApiError as e:
+            # Serve's proxy passes the context on only with a yielded message, or with an exception raised after the
+            # code is set: raise, so a stream that fails (before or after its first delta) ends with this status
             grpc_context.set_code(e.code)
             grpc_context.set_details(e.message)
+            raise
 
     def check_health(self) -> None:
         if not self.router._thread.is_alive():

@@ -19,6 +19,7 @@ def _args(a):
         num_draft=a.num_draft,
         threshold=a.threshold,
         max_tokens=a.max_tokens,
+        max_queue=a.max_queue,
         api_key=a.api_key,
     )
 
