@@ -139,10 +139,26 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack_env() -> dict[str, str]:
-    """Environment the three processes get on top of this one's. Tests that need more of it (e.g. OpenTelemetry's
-    OTEL_* variables pointing at an OTLP sink for the tracing test) extend this dict here."""
-    return {"OMP_NUM_THREADS": "1", "DSPARK_API_KEY": API_KEY}
+def otlp():
+    """An OTLP/gRPC collector the three processes export their spans to."""
+    from otlp_sink import OtlpSink
+
+    sink = OtlpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture(scope="module")
+def stack_env(otlp) -> dict[str, str]:
+    """Environment the three processes get on top of this one's: tracing on through the standard OTEL_* variables,
+    exported over OTLP to the module's sink, every request sampled, batches flushed every 200 ms."""
+    return {
+        "OMP_NUM_THREADS": "1",
+        "DSPARK_API_KEY": API_KEY,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -515,4 +531,66 @@ def test_metrics_of_all_three_processes(stack, ref):
     assert stack.metrics("verifier")["dspark_verifier_kv_capacity_tokens", ()] > 0
 
 
-# -- 8. tracing (OTLP) goes here: extend stack_env with the OTEL_* variables of a sink started for the module ----------
+# -- 8. tracing ----------------------------------------------------------------------------------------------------
+
+
+def test_one_trace_per_request_spans_router_draft_service_and_verifier(stack, ref, otlp):
+    from dspark import telemetry
+
+    time.sleep(1.0)  # spans of the earlier tests are flushed; then only this request's trace is looked at
+    ids = ref.encode("Name the planets of the solar system.")
+    req = _request(prompt_token_ids=ids, max_tokens=13, ignore_eos=True, policy="fixed")
+    (c,) = stack.stub.Generate(req, metadata=AUTH, timeout=TIMEOUT).choices
+    assert list(c.token_ids) == ref.greedy(ids, 13)
+
+    def generate_span(spans):
+        return next(
+            (
+                s
+                for s in spans
+                if s.name == "dspark.generate"
+                and s.attributes.get("dspark.prompt_tokens") == len(ids)
+                and s.attributes.get("dspark.max_tokens") == 13  # no other test asks for 13
+                and s.attributes.get("dspark.policy") == "fixed"
+            ),
+            None,
+        )
+
+    def complete(spans):  # the request's spans from all three services have arrived
+        gen = generate_span(spans)
+        if gen is None:
+            return False
+        mine = [s for s in spans if s.trace_id == gen.trace_id]
+        want = {(telemetry.DRAFT, "dspark.draft"), (telemetry.VERIFIER, "dspark.verify")}
+        rounds = sum(s.name == "dspark.round" for s in mine)
+        return want <= {(s.service, s.name) for s in mine} and rounds == c.stats.rounds
+
+    spans = otlp.wait_for(complete, timeout_s=30)
+    gen = generate_span(spans)
+    assert gen is not None, f"no dspark.generate span among {len(spans)} received"
+    assert gen.service == telemetry.ROUTER and gen.parent_id == ""
+    trace = [s for s in spans if s.trace_id == gen.trace_id]
+    rounds = [s for s in trace if s.name == "dspark.round"]
+    assert len(rounds) == c.stats.rounds and all(r.service == telemetry.ROUTER for r in rounds)
+    assert all(r.parent_id == gen.span_id for r in rounds)
+    assert sum(r.attributes["dspark.budget"] for r in rounds) == c.stats.budget > 0
+    assert sum(r.attributes["dspark.accepted"] for r in rounds) == c.stats.accepted
+    assert all(r.attributes["dspark.policy"] == "fixed" and r.attributes["dspark.batch_size"] >= 1 for r in rounds)
+    round_ids = {r.span_id for r in rounds}
+    for service, name in (
+        (telemetry.VERIFIER, "dspark.prefill"),
+        (telemetry.DRAFT, "dspark.draft"),
+        (telemetry.VERIFIER, "dspark.verify"),
+    ):
+        mine = [s for s in trace if s.name == name]
+        assert mine, name
+        assert all(s.service == service and s.parent_id in round_ids for s in mine), name
+    # every round verified this request once; each service span links to its batched call's own server span
+    assert len([s for s in trace if s.name == "dspark.verify"]) == len(rounds)
+    by_id = {s.span_id: s for s in spans}
+    for s in (s for s in trace if s.name in ("dspark.draft", "dspark.verify")):
+        ((_, linked),) = s.links
+        batch_call = by_id.get(linked)
+        if batch_call is not None:  # exported in the same flush or an earlier one
+            assert batch_call.service == s.service and batch_call.name == s.name
+            assert by_id.get(batch_call.parent_id) is None or by_id[batch_call.parent_id].name == "dspark.batch"

@@ -170,7 +170,13 @@ class Router:
             self._pending += len(params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        attrs = {"dspark.n": len(params), "dspark.prompt_tokens": len(prompt_ids), "dspark.policy": policy or ""}
+        attrs = {
+            "dspark.n": len(params),
+            "dspark.prompt_tokens": len(prompt_ids),
+            "dspark.max_tokens": params[0].max_tokens,
+            "dspark.temperature": params[0].temperature,
+            "dspark.policy": policy or "",
+        }
         span = telemetry.tracer().start_span("dspark.generate", attributes=attrs)
         choices = []
         for i, sp in enumerate(params):
