@@ -83,14 +83,16 @@ def serve_verifier(
 ) -> int:
     telemetry.setup(telemetry.VERIFIER)
     metrics.start_exporter(metrics_port)
-    core = build_verifier_core(engine_config, drafter, sps_profile, server.session_ttl_s, feature_dtype)
+    core = grpc_server.on_model_thread(
+        build_verifier_core, engine_config, drafter, sps_profile, server.session_ttl_s, feature_dtype
+    )
     return asyncio.run(_serve(start_verifier(core, server), "verifier", server))
 
 
 def serve_draft(engine_config, server: ServerConfig, drafter=None, max_support: int = 64, metrics_port=0) -> int:
     telemetry.setup(telemetry.DRAFT)
     metrics.start_exporter(metrics_port)
-    core = build_draft_core(engine_config, drafter, max_support, server.session_ttl_s)
+    core = grpc_server.on_model_thread(build_draft_core, engine_config, drafter, max_support, server.session_ttl_s)
     return asyncio.run(_serve(start_draft(core, server), "draft", server))
 
 
