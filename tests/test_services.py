@@ -92,7 +92,7 @@ def stack(bg, target_model):
 
 def remote_decoder(vport, dport, policy="dspark", **kw):
     verifier = RemoteVerifier(f"127.0.0.1:{vport}", connect_s=10)
-    proposer = RemoteProposer(f"127.0.0.1:{dport}", verifier.vocab_size, **kw)
+    proposer = RemoteProposer(f"127.0.0.1:{dport}", verifier.vocab_size, features_of=verifier.refeature, **kw)
     return Decoder(verifier, proposer, num_draft=4, policy=policy)
 
 
@@ -164,7 +164,8 @@ def test_drafter_lost_mid_generation_falls_back_to_plain_decoding_then_resumes(b
         done.update((c.request_id, c) for c in dec.step())
     out = [done[i] for i in ids]
     assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
-    assert dec.proposer.calls > calls  # speculation resumed on the new drafter (sessions reopened with all features)
+    assert dec.proposer.calls > calls  # speculation resumed on the new drafter
+    assert dec.proposer.reopened >= len(PROMPTS)  # every session reopened, with features recomputed by the verifier
     bg.run(v.stop(0))
     bg.run(d2.stop(0))
 
@@ -309,7 +310,12 @@ def test_replica_pools_pin_requests_and_survive_losing_a_replica(bg, target_mode
     vs = [bg.run(start_verifier(make_verifier_core(target_model, max_requests=4))) for _ in range(2)]
     ds = [bg.run(start_draft(make_draft_core(target_model))) for _ in range(2)]
     verifier = VerifierPool([RemoteVerifier(f"127.0.0.1:{v.port}", recover_s=0.5) for v in vs])
-    proposer = ProposerPool([RemoteProposer(f"127.0.0.1:{d.port}", 8, retry_after_s=60, timeout_s=2) for d in ds])
+    proposer = ProposerPool(
+        [
+            RemoteProposer(f"127.0.0.1:{d.port}", 8, retry_after_s=60, timeout_s=2, features_of=verifier.refeature)
+            for d in ds
+        ]
+    )
     dec = Decoder(verifier, proposer, num_draft=4, policy="dspark")
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     ids = [dec.add_request(p, params) for p in PROMPTS]
@@ -325,6 +331,7 @@ def test_replica_pools_pin_requests_and_survive_losing_a_replica(bg, target_mode
     assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
     assert verifier.failovers == 2 and len(verifier.replicas) == 1
     assert sum(c.stats.drafted for c in out) > 0
+    assert proposer.replicas[1].reopened > 0  # the requests of the lost draft replica, reopened on the other one
     for s in (vs[1], ds[1]):
         bg.run(s.stop(0))
 
@@ -361,9 +368,15 @@ def test_a_local_target_with_a_remote_drafter(stack, target_model):
     _, d = stack
     engine = make_verifier_core(target_model).engine
     dec = Decoder(engine, RemoteProposer(f"127.0.0.1:{d.port}", engine.vocab_size), num_draft=4, policy="fixed")
-    out = dec.generate(PROMPTS, GREEDY)
+    dec.proposer.features_of = dec.verifier.refeature
+    ids = [dec.add_request(p, GREEDY) for p in PROMPTS]
+    done = {c.request_id: c for c in dec.step() + dec.step()}
+    dec.proposer.release(ids[0])  # as if the draft service had lost this session: reopened from recomputed features
+    while dec.has_work:
+        done.update((c.request_id, c) for c in dec.step())
+    out = [done[i] for i in ids]
     assert [c.token_ids for c in out] == plain_greedy(target_model)
-    assert sum(c.stats.accepted for c in out) > 0
+    assert sum(c.stats.accepted for c in out) > 0 and dec.proposer.reopened == 1
 
 
 def test_reflection_lists_the_services_and_deadlines_are_honoured_while_queued(bg, target_model):

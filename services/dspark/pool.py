@@ -4,7 +4,8 @@ VerifierPool: a new request goes to the verifier replica with the most free sess
 every replica that holds running requests, in parallel (one batched call each). A replica that stays unreachable past
 its RemoteVerifier's recover_s is dropped, and its requests are prefilled again on the others from the router's
 history (their output stays exact). ProposerPool: requests are spread over draft replicas the same way; while a
-replica is down its requests move to another one, which reopens their sessions with all their features.
+replica is down its requests move to another one, which reopens their sessions (the features recomputed by the
+verifier, RemoteProposer's features_of).
 
 The decode loop prices each replica's share of a round with that replica's own SPS table (`replica_of`, `sps_of`):
 the load a replica sees is the requests pinned to it, and replicas on different hardware have different tables.
@@ -16,6 +17,8 @@ import contextvars
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 
 from dspark.engine import CapacityError
 from dspark.proposer import DraftRequest, Proposal
@@ -139,6 +142,14 @@ class VerifierPool:
             self._pin[rid] = target
             self.failovers += 1
 
+    def refeature(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+        """RemoteVerifier.refeature on the replica each session is pinned to."""
+        groups = self._groups(items, key=lambda it: it[0])
+        out, lost = self._fan_out("refeature", items, groups)
+        if lost:
+            raise ConnectionError(f"verifier replica(s) {', '.join(r.address for r in lost)} lost while refeaturing")
+        return out
+
     def release(self, request_id: str) -> None:
         r = self._pin.pop(request_id, None)
         if r is not None:
@@ -181,8 +192,7 @@ class ProposerPool:
             return cur
         live = [r for r in self.replicas if self._up(r)] or self.replicas
         best = min(live, key=lambda r: self._load[r])
-        if cur is not None and best is not cur:  # move: the new replica reopens it with every feature
-            best._features[rid] = cur._features.pop(rid, [])
+        if cur is not None and best is not cur:  # move: the new replica reopens it (features from the verifier)
             cur._sent.pop(rid, None)
             self._load[cur] -= 1
         if best is not cur:

@@ -2,9 +2,11 @@
 channels, one batched call per round.
 
 Both keep what is needed to rebuild their service's state, so a lost service costs time, never output:
-- RemoteProposer: every feature it forwarded, per request. Draft service unreachable -> empty proposals (the round
-  verifies anchors only, plain decoding) and a retry after `retry_after_s`; a session the service no longer has
-  (restart, expiry) is reopened from the start with the whole history and all its features.
+- RemoteProposer: nothing but how far each draft session is. Draft service unreachable -> empty proposals (the
+  round verifies anchors only, plain decoding) and a retry after `retry_after_s`; a session the service no longer
+  has (restart, expiry, another replica) is reopened from the start with the whole history and the target features
+  of all of it, recomputed by the verifier (`features_of`, e.g. RemoteVerifier.refeature) instead of kept here:
+  features are far larger than tokens (3 layers x hidden size floats per token).
 - RemoteVerifier: every request's token history. A session the verifier no longer has is restored by prefilling that
   history again (on a restarted replica; random numbers are keyed by position, so it draws what it would have), and
   an unreachable verifier is retried until `recover_s` has passed.
@@ -175,6 +177,23 @@ class RemoteVerifier:
         self._history[request_id], self._params[request_id] = list(history), params
         self._restore([request_id])
 
+    def refeature(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+        """(session, every token before its anchor) -> the target features of those tokens, recomputed by prefilling
+        the sessions again (the KV cache is rebuilt from the same tokens, and random numbers are keyed by position,
+        so decoding goes on unchanged): what a lost draft session is reopened from."""
+        reqs = [
+            vpb.PrefillRequest(
+                session_id=rid,
+                token_ids=tokens,
+                params=self._params[rid],
+                restore=True,
+                trace_context=telemetry.request_context(rid),
+            )
+            for rid, tokens in items
+        ]
+        out = self._call(self.stub.Prefill, vpb.PrefillInput(requests=reqs), "Prefill")
+        return [wire.tensor_from_proto(r.features) for r in out.results]
+
     def release(self, request_id: str) -> None:
         if self._history.pop(request_id, None) is not None:
             self._params.pop(request_id, None)
@@ -193,16 +212,19 @@ class RemoteProposer:
         retry_after_s: float = 1.0,
         feature_dtype: str | None = None,
         max_message_mb: int = 64,
+        features_of=None,
     ):
+        """features_of([(request id, every token before its anchor)]) -> their target features: how a lost session
+        is reopened (None: a lost session cannot be reopened and its request is decoded without drafts)."""
         self.address = address
         self.vocab_size = vocab_size
+        self.features_of = features_of
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.feature_dtype = feature_dtype
         self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
         self.gamma: int | None = None
         self._sent: dict[str, int] = {}  # tokens the draft service holds per session; absent = (re)open it
-        self._features: dict[str, list[torch.Tensor]] = {}  # every feature forwarded, to reopen a lost session
         self._releasing: list[grpc.Future] = []
         self._down_until = 0.0
         self.failures = 0  # rounds that fell back to plain decoding
@@ -220,29 +242,43 @@ class RemoteProposer:
         return info
 
     def release(self, request_id: str) -> None:
-        self._features.pop(request_id, None)
         if self._sent.pop(request_id, None) is not None:
             _release(self.stub, request_id, self.timeout_s, self._releasing)
 
     def _empty(self, requests: list[DraftRequest]) -> list[Proposal]:
         return [Proposal.empty(self.vocab_size)] * len(requests)
 
+    def _features(self, requests: list[DraftRequest]) -> dict[str, torch.Tensor | None]:
+        """The features each request sends: those committed since its last call, or, for a session to (re)open
+        whose request brought fewer than its whole history's (a reopen), all of them, recomputed by the verifier."""
+        out, reopen = {}, []
+        for r in requests:
+            covers_all = r.features is not None and r.features.shape[0] == len(r.token_ids) - 1
+            if self._sent.get(r.request_id, 0) == 0 and not covers_all and len(r.token_ids) > 1:
+                reopen.append(r)
+            else:
+                out[r.request_id] = r.features
+        if reopen:
+            if self.features_of is None:
+                raise ConnectionError(f"draft service {self.address} lost sessions and this router cannot reopen them")
+            feats = self.features_of([(r.request_id, r.token_ids[:-1]) for r in reopen])
+            self.reopened += len(reopen)
+            out.update((r.request_id, f) for r, f in zip(reopen, feats))
+        return out
+
     def _message(self, requests: list[DraftRequest]) -> dpb.DraftInput:
+        features = self._features(requests)
         reqs = []
         for r in requests:
             start = self._sent.get(r.request_id, 0)
-            feats = self._features.get(r.request_id, [])
-            if start == 0:
-                features = torch.cat(feats) if feats else None
-            else:
-                features = r.features
+            f = features[r.request_id]
             k = r.num_draft if self.gamma is None else min(r.num_draft, self.gamma)
             reqs.append(
                 dpb.DraftRequest(
                     session_id=r.request_id,
                     start=start,
                     new_token_ids=r.token_ids[start:],
-                    features=None if features is None else wire.tensor_to_proto(features, self.feature_dtype),
+                    features=None if f is None else wire.tensor_to_proto(f, self.feature_dtype),
                     num_draft=k,
                     params=wire.params_to_proto(r.params),
                     trace_context=telemetry.request_context(r.request_id),
@@ -251,9 +287,6 @@ class RemoteProposer:
         return dpb.DraftInput(requests=reqs)
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
-        for r in requests:
-            if r.features is not None:
-                self._features.setdefault(r.request_id, []).append(r.features)
         if time.monotonic() < self._down_until:
             self.failures += 1
             return self._empty(requests)
@@ -269,7 +302,6 @@ class RemoteProposer:
                 if missing and attempt == 0:  # the service restarted or expired them: reopen from the start
                     for s in missing:
                         self._sent.pop(s, None)
-                    self.reopened += len(missing)
                     continue
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     _raise_for(e, f"draft service {self.address}")

@@ -100,7 +100,12 @@ class Router:
         proposer, k = None, 0
         drafts = [x.strip() for x in (config.draft or "").split(",") if x.strip()]
         if drafts:
-            remote = [RemoteProposer(a, verifier.vocab_size, retry_after_s=config.draft_retry_s) for a in drafts]
+            remote = [
+                RemoteProposer(
+                    a, verifier.vocab_size, retry_after_s=config.draft_retry_s, features_of=verifier.refeature
+                )
+                for a in drafts
+            ]
             proposer = remote[0] if len(remote) == 1 else ProposerPool(remote)
             info = proposer.info(timeout_s=30.0)
             if info is None and config.num_draft is None:

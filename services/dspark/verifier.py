@@ -141,6 +141,17 @@ class LocalVerifier:
             results.append(Verified(v.accepted, v.tokens, v.bonus, feats))
         return results
 
+    def refeature(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor | None]:
+        """(request, every token before its anchor) -> the target features of those tokens, by prefilling the
+        request's cache again from them (random numbers are keyed by position: nothing else changes). A remote
+        drafter that lost its sessions reopens them from these (RemoteProposer's features_of)."""
+        out = []
+        for rid, tokens in items:
+            self.engine.release(rid)
+            self.engine.add(rid)
+            out.append(self.engine.prefill(rid, tokens).features)
+        return out
+
     def release(self, request_id: str) -> None:
         self.engine.release(request_id)
         self._params.pop(request_id, None)
