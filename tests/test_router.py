@@ -317,6 +317,39 @@ def test_a_full_queue_answers_resource_exhausted(deployment):
         busy.close()
 
 
+def test_a_verifier_gone_for_longer_than_the_router_waits_answers_unavailable_then_serving_resumes(bg, target_model):
+    v = bg.run(start_verifier(make_verifier_core(target_model)))
+    d = bg.run(start_draft(make_draft_core(target_model)))
+    port = v.port
+    cfg = RouterConfig(verifier=f"127.0.0.1:{port}", draft=f"127.0.0.1:{d.port}", verifier_recover_s=1.0)
+    router = Router(cfg, tokenizer=Letters())
+    pub = bg.run(
+        grpc_server.start(
+            grpc_server.ServerConfig(),
+            [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
+            [SERVICE_NAME],
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{pub.port}")
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    req = gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=8, ignore_eos=True)
+    try:
+        bg.run(v.stop(0))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"127.0.0.1:{port}" in e.value.details() and "retry later" in e.value.details()
+        v = bg.run(start_verifier(make_verifier_core(target_model), grpc_server.ServerConfig(f"127.0.0.1:{port}")))
+        (c,) = stub.Generate(req, timeout=30).choices  # the router survived its dead peer
+        (want,) = plain_greedy(target_model, [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))
+        assert list(c.token_ids) == want
+    finally:
+        channel.close()
+        router.close()
+        for s in (pub, v, d):
+            bg.run(s.stop(0))
+
+
 def test_the_serve_config_builds_the_typed_application():
     """What `serve run deploy/serve.yaml` does with the config's args: validated into RouterArgs."""
     import yaml

@@ -474,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threshold", type=float, default=0.5)
     r.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
     r.add_argument("--max-queue", type=int, default=1024, help="requests in flight (choices) before RESOURCE_EXHAUSTED")
+    r.add_argument(
+        "--verifier-recover-s",
+        type=float,
+        default=60.0,
+        help="how long a round waits for a lost verifier before its requests fail with UNAVAILABLE",
+    )
+    r.add_argument("--draft-retry-s", type=float, default=1.0, help="plain decoding this long after the drafter fails")
     r.add_argument("--api-key", default=_env("API_KEY"), help="bearer token the public API requires")
     r.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     r.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)))

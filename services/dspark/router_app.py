@@ -34,6 +34,10 @@ class RouterArgs(BaseModel):
     threshold: float = Field(0.5, description="survival threshold of the threshold policy")
     max_tokens: int = Field(4096, description="largest max_tokens a request may ask for")
     max_queue: int = Field(1024, description="requests in flight (choices) before new ones get RESOURCE_EXHAUSTED")
+    verifier_recover_s: float = Field(
+        60.0, description="how long a round waits for a lost verifier before its requests fail with UNAVAILABLE"
+    )
+    draft_retry_s: float = Field(1.0, description="plain decoding this long after the draft service fails")
     api_key: str | None = Field(None, description="bearer token for the public API; null = $DSPARK_API_KEY or open")
 
     def config(self) -> RouterConfig:

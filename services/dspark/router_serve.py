@@ -20,6 +20,8 @@ def _args(a):
         threshold=a.threshold,
         max_tokens=a.max_tokens,
         max_queue=a.max_queue,
+        verifier_recover_s=a.verifier_recover_s,
+        draft_retry_s=a.draft_retry_s,
         api_key=a.api_key,
     )
 
