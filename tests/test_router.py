@@ -13,8 +13,7 @@ import grpc
 import pytest
 from test_services import PROMPTS, Background, make_draft_core, make_verifier_core, plain_greedy
 
-from dspark import grpc_server
-from dspark.generation_service import SERVICE_NAME, GenerationServicer
+from dspark import generation_service, grpc_server
 from dspark.router import Router, RouterConfig
 from dspark.sampling import SamplingParams
 from dspark.serve import start_draft, start_verifier
@@ -59,13 +58,7 @@ def deployment(bg, target_model):
     d = bg.run(start_draft(make_draft_core(target_model)))
     config = RouterConfig(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}", max_tokens=16, api_key="sesame")
     router = Router(config, tokenizer=Letters())
-    pub = bg.run(
-        grpc_server.start(
-            grpc_server.ServerConfig(),
-            [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
-            [SERVICE_NAME],
-        )
-    )
+    pub = bg.run(generation_service.start(router))
     channel = grpc.insecure_channel(f"127.0.0.1:{pub.port}")
     router.public_port = pub.port  # for the CLI test
     yield router, generation_pb2_grpc.GenerationServiceStub(channel)
@@ -323,13 +316,7 @@ def test_a_verifier_gone_for_longer_than_the_router_waits_answers_unavailable_th
     port = v.port
     cfg = RouterConfig(verifier=f"127.0.0.1:{port}", draft=f"127.0.0.1:{d.port}", verifier_recover_s=1.0)
     router = Router(cfg, tokenizer=Letters())
-    pub = bg.run(
-        grpc_server.start(
-            grpc_server.ServerConfig(),
-            [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
-            [SERVICE_NAME],
-        )
-    )
+    pub = bg.run(generation_service.start(router))
     channel = grpc.insecure_channel(f"127.0.0.1:{pub.port}")
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     req = gpb.GenerateRequest(prompt_token_ids=PROMPTS[0], max_tokens=8, ignore_eos=True)

@@ -140,3 +140,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 SERVICE_NAME = gpb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+async def start(router: Router, config=None):
+    """The public API of `router` on a plain grpc.aio server (health, reflection, limits): a grpc_server.Service."""
+    from dspark import grpc_server
+
+    return await grpc_server.start(
+        config or grpc_server.ServerConfig(),
+        [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
+        [SERVICE_NAME],
+    )

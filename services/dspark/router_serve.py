@@ -66,19 +66,13 @@ def _serve_plain(a) -> int:
 async def _plain(a) -> int:
     import uvicorn
 
-    from dspark import grpc_server, telemetry
-    from dspark.generation_service import SERVICE_NAME, GenerationServicer
+    from dspark import generation_service, grpc_server, telemetry
     from dspark.openai_api import build_app
     from dspark.router import Router
-    from dspark.v1 import generation_pb2_grpc
 
     telemetry.setup(telemetry.ROUTER)
     router = Router(_args(a).config())
-    svc = await grpc_server.start(
-        grpc_server.ServerConfig(address=f"{a.host}:{a.grpc_port}"),
-        [(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(router))],
-        [SERVICE_NAME],
-    )
+    svc = await generation_service.start(router, grpc_server.ServerConfig(address=f"{a.host}:{a.grpc_port}"))
     http = uvicorn.Server(uvicorn.Config(build_app(lambda: router), host=a.host, port=a.http_port, log_level="warning"))
     http.install_signal_handlers = lambda: None  # ours below
     task = asyncio.create_task(http.serve())
