@@ -3,8 +3,6 @@ starts (the `dspark serve local` pieces)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from dspark.bench_services import DISAGGREGATED, IN_PROCESS, Sample, format_table, goals, matching, ratios, summarise
@@ -50,18 +48,14 @@ def test_matching_compares_outputs_by_prompt():
 
 
 def test_the_stack_it_starts_is_the_serve_local_one():
-    from dspark.launcher import pieces
+    from dataclasses import replace
 
-    a = SimpleNamespace(
-        model="m",
-        device="cpu",
-        dtype="float32",
-        max_requests=8,
-        max_context=2048,
+    from dspark.launcher import StackConfig, pieces
+
+    a = StackConfig(
+        "m",
         threads=1,
-        drafter=None,
         sps_profile="/x/sps.json",
-        policy="dspark",
         verifier_port=1,
         draft_port=2,
         grpc_port=3,
@@ -75,5 +69,5 @@ def test_the_stack_it_starts_is_the_serve_local_one():
     assert da[da.index("--threads") + 1] == "1" and da[da.index("--port") + 1] == "2"
     assert ra[ra.index("--verifier") + 1] == vh == "127.0.0.1:1" and ra[ra.index("--draft") + 1] == dh
     assert "--no-ray" in ra and rh == "http://127.0.0.1:4/healthz"
-    del a.metrics_ports  # `dspark serve local`: the services' default metrics ports
+    a = replace(a, metrics_ports=None)  # `dspark serve local`: the services' default metrics ports
     assert "--metrics-port" not in pieces(a)[0][1]

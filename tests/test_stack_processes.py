@@ -22,11 +22,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
+
+from dspark.launcher import StackConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -79,7 +80,7 @@ def _alive(pid: int) -> bool:
 class Stack:
     """The running stack: its `dspark serve local` flags, the processes (in pieces() order) and a client."""
 
-    a: SimpleNamespace
+    a: StackConfig
     procs: list[subprocess.Popen]
     logs: Path
     env: dict[str, str]
@@ -173,7 +174,7 @@ def stack(request, tmp_path_factory, stack_env):
     except FileNotFoundError as e:
         pytest.skip(f"no drafter: {e}")
     tmp = tmp_path_factory.mktemp("stack")
-    a = SimpleNamespace(
+    a = StackConfig(
         model=DEFAULT_MODEL,
         device="cpu",
         dtype="float32",

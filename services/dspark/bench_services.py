@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from dspark.bench_policies import closed_loop, eval_prompts
 from dspark.sampling import SamplingParams
@@ -194,7 +193,7 @@ def run(a, config) -> dict:
     import torch
 
     from dspark import sps_profile
-    from dspark.launcher import local_stack
+    from dspark.launcher import StackConfig, local_stack
     from dspark.model_store import dspark_home
     from dspark.runtime import build_dspark_decoder
     from dspark.v1 import generation_pb2_grpc
@@ -213,7 +212,7 @@ def run(a, config) -> dict:
         SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, ignore_eos=True, seed=a.seed + i)
         for i in range(n_max)
     ]
-    stack = SimpleNamespace(
+    stack = StackConfig(
         model=config.model,
         device=config.device,
         dtype=config.dtype,

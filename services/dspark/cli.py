@@ -180,9 +180,9 @@ def cmd_serve(a) -> int:
 
         return serve_draft(_engine_config(a), _server_config(a), a.drafter, a.max_support, a.metrics_port)
     if a.service == "local":
-        from dspark.launcher import run_local
+        from dspark.launcher import StackConfig, run_local
 
-        return run_local(a)
+        return run_local(StackConfig.from_args(a))
     from dspark.router_serve import serve_router
 
     return serve_router(a)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,6 +62,50 @@ def _http_healthy(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
 SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "30000"}
 
 
+@dataclass(frozen=True)
+class StackConfig:
+    """What `dspark serve local` starts (its flags; bench-services and the process tests build it directly)."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_requests: int = 8
+    max_context: int = 2048
+    threads: int | None = None
+    drafter: str | None = None  # None: the shipped drafter of the model
+    sps_profile: str | None = None  # None: the verifier's per model/device table
+    policy: str = "dspark"
+    verifier_port: int = 50061
+    draft_port: int = 50062
+    grpc_port: int = 50051
+    http_port: int = 8000
+    max_queue: int | None = None  # the router's requests in flight; None: its default
+    metrics_ports: tuple[int, int] | None = None  # (verifier, draft); None: the services' defaults
+    no_ray: bool = False
+    wait: float = 600.0  # seconds each piece may take to become healthy
+
+    @classmethod
+    def from_args(cls, a) -> StackConfig:
+        return cls(
+            model=a.model,
+            device=a.device,
+            dtype=a.dtype,
+            max_requests=a.max_requests,
+            max_context=a.max_context,
+            threads=a.threads,
+            drafter=a.drafter,
+            sps_profile=a.sps_profile,
+            policy=a.policy,
+            verifier_port=a.verifier_port,
+            draft_port=a.draft_port,
+            grpc_port=a.grpc_port,
+            http_port=a.http_port,
+            max_queue=a.max_queue,
+            no_ray=a.no_ray,
+            wait=a.wait,
+        )
+
+
 class Piece(NamedTuple):
     """One process of the stack: its name, its `dspark serve` arguments, and where it answers when healthy."""
 
@@ -74,9 +119,8 @@ class Piece(NamedTuple):
         return [sys.executable, "-m", "dspark.cli", "serve", *self.args]
 
 
-def pieces(a) -> list[Piece]:
-    """The verifier, draft service and router of `a` (the `dspark serve local` flags), in start order. Optional
-    fields of `a`: metrics_ports (verifier, draft), max_queue (the router's)."""
+def pieces(a: StackConfig) -> list[Piece]:
+    """The verifier, draft service and router of `a`, in start order."""
     engine = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--max-requests", str(a.max_requests)]
     engine += ["--max-context", str(a.max_context)] + (["--threads", str(a.threads)] if a.threads else [])
     drafter = ["--drafter", a.drafter] if a.drafter else []
@@ -84,11 +128,10 @@ def pieces(a) -> list[Piece]:
     v_addr, d_addr = f"127.0.0.1:{a.verifier_port}", f"127.0.0.1:{a.draft_port}"
     router = ["router", "--verifier", v_addr, "--draft", d_addr, "--policy", a.policy]
     router += ["--grpc-port", str(a.grpc_port), "--http-port", str(a.http_port)] + (["--no-ray"] if a.no_ray else [])
-    if getattr(a, "max_queue", None):
+    if a.max_queue:
         router += ["--max-queue", str(a.max_queue)]
-    metrics = getattr(a, "metrics_ports", None)  # (verifier, draft); None: the services' defaults
-    v_metrics = ["--metrics-port", str(metrics[0])] if metrics else []
-    d_metrics = ["--metrics-port", str(metrics[1])] if metrics else []
+    v_metrics = ["--metrics-port", str(a.metrics_ports[0])] if a.metrics_ports else []
+    d_metrics = ["--metrics-port", str(a.metrics_ports[1])] if a.metrics_ports else []
     return [
         Piece("verifier", ["verifier", *engine, *drafter, *sps, *v_metrics, "--port", str(a.verifier_port)], v_addr),
         Piece("draft", ["draft", *engine, *drafter, *d_metrics, "--port", str(a.draft_port)], d_addr),
@@ -141,8 +184,8 @@ def stop_piece(proc: subprocess.Popen, timeout_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def local_stack(a, logs: Path, log=print, env: dict[str, str] | None = None):
-    """Start the verifier, the draft service and the router (`a`: the `dspark serve local` flags) as processes, in
+def local_stack(a: StackConfig, logs: Path, log=print, env: dict[str, str] | None = None):
+    """Start the verifier, the draft service and the router of `a` as processes, in
     order, each waited for until healthy (`env`: extra environment of all three); yield the processes, in the order
     of pieces(a); stop them in reverse order (each drains). The yielded list is the one stopped: a caller that
     restarts a piece (start_piece(..., restart=True)) puts the new process in its place."""
@@ -158,7 +201,7 @@ def local_stack(a, logs: Path, log=print, env: dict[str, str] | None = None):
             stop_piece(p)
 
 
-def run_local(a) -> int:
+def run_local(a: StackConfig) -> int:
     from dspark.model_store import dspark_home
 
     logs = dspark_home() / "logs"
