@@ -330,7 +330,11 @@ class Router:
             before = {}
             if traced:  # the request-level view: each traced request's statistics before the round
                 live = self.decoder.live_stats()
-                before = {rid: (pol, st, st.scheduled, st.accepted, st.drafted) for rid, (pol, st) in live.items()}
+                before = {
+                    rid: (pol, st, st.scheduled, st.accepted, st.drafted)
+                    for rid, (pol, st) in live.items()
+                    if rid in traced
+                }
             with telemetry.round_spans(traced, span) as request_spans:
                 t = time.perf_counter()
                 finished = self.decoder.step()

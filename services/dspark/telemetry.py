@@ -92,10 +92,11 @@ class RoundSpans:
         self.links = [Link(ctx)] if ctx.is_valid else []
         self.start_ns = time.time_ns()
         self.spans: dict[str, trace.Span] = {}
+        self._carriers: dict[str, dict[str, str]] = {}  # per span: its context, injected once
 
     def carrier(self, request_id: str) -> dict[str, str]:
-        span = self.spans.get(request_id)
-        if span is None:
+        carrier = self._carriers.get(request_id)
+        if carrier is None:
             parent = self.parents.get(request_id)
             if parent is None or not parent.is_recording():
                 return {}
@@ -106,8 +107,8 @@ class RoundSpans:
                 links=self.links,
             )
             self.spans[request_id] = span
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
+            carrier = self._carriers[request_id] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(span))
         return carrier
 
     def end(self, attributes_of: Callable[[str], dict]) -> None:
