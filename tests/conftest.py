@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny random-weight models for fast tests, the real default model for `slow` ones."""
+"""Shared fixtures: tiny random-weight models for fast tests, the real default model for `slow` ones, and an asyncio
+loop in a thread for tests that host grpc.aio servers in process."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
 
 import pytest
 import torch
@@ -65,3 +69,26 @@ def real_model():
     from dspark.registry import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+
+
+class Background:
+    """An asyncio loop in a thread, hosting grpc.aio servers while the test drives a client."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def bg():
+    b = Background()
+    yield b
+    b.close()

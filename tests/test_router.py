@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_services import PROMPTS, Background, make_draft_core, make_verifier_core, plain_greedy
+from test_services import PROMPTS, make_draft_core, make_verifier_core, plain_greedy
 
 from dspark import generation_service, grpc_server
 from dspark.router import Router, RouterConfig
@@ -42,13 +42,6 @@ class Letters:
 
 def text(ids):
     return Letters().decode(ids)
-
-
-@pytest.fixture(scope="module")
-def bg():
-    b = Background()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")

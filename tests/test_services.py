@@ -5,7 +5,6 @@ services answer bad calls with the right status codes."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import grpc
@@ -36,29 +35,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[3, 4, 5], [6], [7, 1, 2, 3], [4, 4]]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Background:
-    """An asyncio loop in a thread, hosting grpc.aio servers while the test drives a client."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def bg():
-    b = Background()
-    yield b
-    b.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +171,18 @@ def test_verifier_restarted_mid_generation_loses_no_request(bg, target_model):
     bg.run(d.stop(0))
 
 
+def slow_prefill(core: VerifierCore, delay_s: float) -> VerifierCore:
+    """The core, its every Prefill call taking delay_s longer (a call that is still in the model)."""
+    fast = core.prefill_msg
+
+    def prefill_slowly(m):
+        time.sleep(delay_s)
+        return fast(m)
+
+    core.prefill_msg = prefill_slowly
+    return core
+
+
 def _code(fn):
     with pytest.raises(grpc.RpcError) as e:
         fn()
@@ -281,15 +269,7 @@ def test_idle_sessions_expire(target_model):
 
 
 def test_drain_lets_running_calls_finish_and_refuses_new_ones(bg, target_model):
-    core = make_verifier_core(target_model)
-    slow = core.prefill_msg
-
-    def prefill_slowly(m):
-        time.sleep(0.5)
-        return slow(m)
-
-    core.prefill_msg = prefill_slowly
-    v = bg.run(start_verifier(core))
+    v = bg.run(start_verifier(slow_prefill(make_verifier_core(target_model), 0.5)))
     ch = grpc.insecure_channel(f"127.0.0.1:{v.port}")
     stub = verifier_pb2_grpc.VerifierServiceStub(ch)
     req = vpb.PrefillInput(requests=[vpb.PrefillRequest(session_id="a", token_ids=[3, 4], params=vpb.SamplingParams())])
@@ -382,14 +362,7 @@ def test_a_local_target_with_a_remote_drafter(stack, target_model):
 def test_reflection_lists_the_services_and_deadlines_are_honoured_while_queued(bg, target_model):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    core = make_verifier_core(target_model)
-    slow = core.prefill_msg
-
-    def prefill_slowly(m):
-        time.sleep(1.0)
-        return slow(m)
-
-    core.prefill_msg = prefill_slowly
+    core = slow_prefill(make_verifier_core(target_model), 1.0)
     v = bg.run(start_verifier(core))
     ch = grpc.insecure_channel(f"127.0.0.1:{v.port}")
     names = set(ProtoReflectionDescriptorDatabase(ch).get_services())

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from test_router import Letters, _free_port
-from test_services import PROMPTS, Background, make_draft_core, make_verifier_core
+from test_services import PROMPTS, make_draft_core, make_verifier_core
 
 from dspark import metrics, telemetry
 from dspark.router import Router, RouterConfig
@@ -42,8 +42,7 @@ def target_model():
     return _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
 
 
-def test_one_trace_spans_router_draft_and_verifier_and_metrics_are_scraped(spans, target_model):
-    bg = Background()
+def test_one_trace_spans_router_draft_and_verifier_and_metrics_are_scraped(spans, target_model, bg):
     v = bg.run(start_verifier(make_verifier_core(target_model)))
     d = bg.run(start_draft(make_draft_core(target_model)))
     router = Router(RouterConfig(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}"), tokenizer=Letters())
@@ -106,4 +105,3 @@ def test_one_trace_spans_router_draft_and_verifier_and_metrics_are_scraped(spans
         router.close()
         bg.run(v.stop(0))
         bg.run(d.stop(0))
-        bg.close()
