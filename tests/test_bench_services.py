@@ -50,11 +50,11 @@ def test_matching_compares_outputs_by_prompt():
 def test_the_stack_it_starts_is_the_serve_local_one():
     from dataclasses import replace
 
+    from dspark.config import EngineConfig
     from dspark.launcher import StackConfig, pieces
 
     a = StackConfig(
-        "m",
-        threads=1,
+        EngineConfig(model="m", threads=1),
         sps_profile="/x/sps.json",
         verifier_port=1,
         draft_port=2,

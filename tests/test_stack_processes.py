@@ -27,6 +27,7 @@ import grpc
 import pytest
 import torch
 
+from dspark.config import EngineConfig
 from dspark.launcher import StackConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -175,12 +176,7 @@ def stack(request, tmp_path_factory, stack_env):
         pytest.skip(f"no drafter: {e}")
     tmp = tmp_path_factory.mktemp("stack")
     a = StackConfig(
-        model=DEFAULT_MODEL,
-        device="cpu",
-        dtype="float32",
-        max_requests=8,
-        max_context=2048,
-        threads=1,
+        EngineConfig(model=DEFAULT_MODEL, max_requests=8, max_context=2048, threads=1),
         drafter=drafter,
         sps_profile=str(tmp / "sps.json"),  # quick-profiled by the verifier's first start, loaded on its restart
         policy="dspark",

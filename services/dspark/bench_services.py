@@ -18,7 +18,7 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from dspark.bench_policies import closed_loop, eval_prompts
@@ -213,12 +213,7 @@ def run(a, config) -> dict:
         for i in range(n_max)
     ]
     stack = StackConfig(
-        model=config.model,
-        device=config.device,
-        dtype=config.dtype,
-        max_requests=config.max_requests,
-        max_context=config.max_context,
-        threads=threads,
+        replace(config, threads=threads),
         drafter=a.drafter,
         sps_profile=sps_path,
         policy=a.policy,

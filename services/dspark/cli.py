@@ -182,7 +182,20 @@ def cmd_serve(a) -> int:
     if a.service == "local":
         from dspark.launcher import StackConfig, run_local
 
-        return run_local(StackConfig.from_args(a))
+        stack = StackConfig(
+            _engine_config(a),
+            drafter=a.drafter,
+            sps_profile=a.sps_profile,
+            policy=a.policy,
+            verifier_port=a.verifier_port,
+            draft_port=a.draft_port,
+            grpc_port=a.grpc_port,
+            http_port=a.http_port,
+            max_queue=a.max_queue,
+            no_ray=a.no_ray,
+            wait=a.wait,
+        )
+        return run_local(stack)
     from dspark.router_serve import serve_router
 
     return serve_router(a)

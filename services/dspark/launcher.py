@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from dspark.config import EngineConfig
+
 
 def _grpc_healthy(address: str, timeout_s: float, proc: subprocess.Popen) -> None:
     import grpc
@@ -66,12 +68,7 @@ SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "30000"}
 class StackConfig:
     """What `dspark serve local` starts (its flags; bench-services and the process tests build it directly)."""
 
-    model: str
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_requests: int = 8
-    max_context: int = 2048
-    threads: int | None = None
+    engine: EngineConfig  # the verifier's and the draft service's model, device, dtype, slots, context, threads
     drafter: str | None = None  # None: the shipped drafter of the model
     sps_profile: str | None = None  # None: the verifier's per model/device table
     policy: str = "dspark"
@@ -83,27 +80,6 @@ class StackConfig:
     metrics_ports: tuple[int, int] | None = None  # (verifier, draft); None: the services' defaults
     no_ray: bool = False
     wait: float = 600.0  # seconds each piece may take to become healthy
-
-    @classmethod
-    def from_args(cls, a) -> StackConfig:
-        return cls(
-            model=a.model,
-            device=a.device,
-            dtype=a.dtype,
-            max_requests=a.max_requests,
-            max_context=a.max_context,
-            threads=a.threads,
-            drafter=a.drafter,
-            sps_profile=a.sps_profile,
-            policy=a.policy,
-            verifier_port=a.verifier_port,
-            draft_port=a.draft_port,
-            grpc_port=a.grpc_port,
-            http_port=a.http_port,
-            max_queue=a.max_queue,
-            no_ray=a.no_ray,
-            wait=a.wait,
-        )
 
 
 class Piece(NamedTuple):
@@ -121,8 +97,9 @@ class Piece(NamedTuple):
 
 def pieces(a: StackConfig) -> list[Piece]:
     """The verifier, draft service and router of `a`, in start order."""
-    engine = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--max-requests", str(a.max_requests)]
-    engine += ["--max-context", str(a.max_context)] + (["--threads", str(a.threads)] if a.threads else [])
+    e = a.engine
+    engine = ["--model", e.model, "--device", e.device, "--dtype", e.dtype, "--max-requests", str(e.max_requests)]
+    engine += ["--max-context", str(e.max_context)] + (["--threads", str(e.threads)] if e.threads else [])
     drafter = ["--drafter", a.drafter] if a.drafter else []
     sps = ["--sps-profile", a.sps_profile] if a.sps_profile else []
     v_addr, d_addr = f"127.0.0.1:{a.verifier_port}", f"127.0.0.1:{a.draft_port}"
@@ -211,7 +188,7 @@ def run_local(a: StackConfig) -> int:
     try:
         with local_stack(a, logs, log=lambda m: print(m, flush=True)) as procs:
             print(
-                f"\ndspark is up on {a.model}:\n"
+                f"\ndspark is up on {a.engine.model}:\n"
                 f"  gRPC  (dspark.v1.GenerationService)  localhost:{a.grpc_port}\n"
                 f"  HTTP  (OpenAI-compatible)            http://localhost:{a.http_port}/v1\n"
                 f"  verifier localhost:{a.verifier_port}, draft service localhost:{a.draft_port} (internal)\n"
