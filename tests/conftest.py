@@ -65,8 +65,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def real_model():
     """(model, tokenizer) of the real default target, fp32 on CPU (converted once into DSPARK_HOME)."""
-    from dspark.model_store import load_model
-    from dspark.registry import DEFAULT_MODEL
+    from dspark.models.model_store import load_model
+    from dspark.models.registry import DEFAULT_MODEL
 
     return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark.bench_services import DISAGGREGATED, IN_PROCESS, Sample, format_table, goals, matching, ratios, summarise
+from dspark.bench.services import DISAGGREGATED, IN_PROCESS, Sample, format_table, goals, matching, ratios, summarise
 
 
 def _s(i, tokens, seconds, rounds=4, accepted=4, ids=(1, 2)):
@@ -50,8 +50,8 @@ def test_matching_compares_outputs_by_prompt():
 def test_the_stack_it_starts_is_the_serve_local_one():
     from dataclasses import replace
 
-    from dspark.config import EngineConfig
-    from dspark.launcher import StackConfig, pieces
+    from dspark.core.config import EngineConfig
+    from dspark.stack.launcher import StackConfig, pieces
 
     a = StackConfig(
         EngineConfig(model="m", threads=1),

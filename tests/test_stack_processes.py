@@ -27,8 +27,8 @@ import grpc
 import pytest
 import torch
 
-from dspark.config import EngineConfig
-from dspark.launcher import StackConfig
+from dspark.core.config import EngineConfig
+from dspark.stack.launcher import StackConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -88,7 +88,7 @@ class Stack:
     stub: object  # GenerationServiceStub on the router's gRPC port
 
     def index(self, name: str) -> int:
-        from dspark.launcher import pieces
+        from dspark.stack.launcher import pieces
 
         return [p.name for p in pieces(self.a)].index(name)
 
@@ -99,7 +99,7 @@ class Stack:
 
     def restart(self, name: str) -> None:
         """The same command line (same port, same flags), waited for until healthy; teardown stops the new one."""
-        from dspark.launcher import pieces, start_piece
+        from dspark.stack.launcher import pieces, start_piece
 
         i = self.index(name)
         self.procs[i] = start_piece(pieces(self.a)[i], self.logs, self.a.wait, self.env, restart=True)
@@ -165,9 +165,9 @@ def stack_env(otlp) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, stack_env):
-    from dspark.launcher import local_stack, log_tail
-    from dspark.registry import DEFAULT_MODEL
-    from dspark.runtime import default_drafter_path
+    from dspark.drafter.checkpoint import default_drafter_path
+    from dspark.models.registry import DEFAULT_MODEL
+    from dspark.stack.launcher import local_stack, log_tail
     from dspark.v1 import generation_pb2_grpc
 
     try:
@@ -224,14 +224,14 @@ class Reference:
     """Greedy continuations and next-token probabilities of the target, straight from transformers."""
 
     def __init__(self, model, tokenizer):
-        from dspark.prompt import eos_token_ids
+        from dspark.models.prompt import eos_token_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.eos = set(eos_token_ids(model, tokenizer))
         self._done: dict[tuple, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
-        from dspark.prompt import encode_prompt
+        from dspark.models.prompt import encode_prompt
 
         return list(encode_prompt(self.tokenizer, text))
 
@@ -532,7 +532,7 @@ def test_metrics_of_all_three_processes(stack, ref):
 
 
 def test_one_trace_per_request_spans_router_draft_service_and_verifier(stack, ref, otlp):
-    from dspark import telemetry
+    from dspark.serving import telemetry
 
     time.sleep(1.0)  # spans of the earlier tests are flushed; then only this request's trace is looked at
     ids = ref.encode("Name the planets of the solar system.")

@@ -8,8 +8,8 @@ import os
 import random
 import sys
 
-from dspark.registry import DEFAULT_MODEL, REGISTRY
-from dspark.scheduler import POLICIES
+from dspark.core.scheduler import POLICIES
+from dspark.models.registry import DEFAULT_MODEL, REGISTRY
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(a):
-    from dspark.config import EngineConfig
+    from dspark.core.config import EngineConfig
 
     return EngineConfig(
         model=a.model,
@@ -37,9 +37,9 @@ def _engine_config(a):
 def cmd_generate(a) -> int:
     if a.server:
         return _generate_remote(a)
-    from dspark.prompt import encode_prompt
+    from dspark.core.sampling import SamplingParams
+    from dspark.models.prompt import encode_prompt
     from dspark.runtime import build_decoder, build_dspark_decoder
-    from dspark.sampling import SamplingParams
 
     policy = a.policy or "dspark"
     if a.draft is not None:  # an independent draft LM: no confidences, so fixed-length verification
@@ -158,7 +158,7 @@ def _env(name: str, default=None):
 
 
 def _server_config(a):
-    from dspark.grpc_server import ServerConfig
+    from dspark.serving.grpc_server import ServerConfig
 
     return ServerConfig(
         address=f"{a.host}:{a.port}", max_message_mb=a.max_message_mb, session_ttl_s=a.session_ttl, drain_s=a.drain
@@ -170,17 +170,17 @@ def cmd_serve(a) -> int:
 
     logging.basicConfig(level=os.environ.get("DSPARK_LOG", "INFO"), format="%(asctime)s %(name)s %(message)s")
     if a.service == "verifier":
-        from dspark.serve import serve_verifier
+        from dspark.stack.serve import serve_verifier
 
         return serve_verifier(
             _engine_config(a), _server_config(a), a.drafter, a.sps_profile, a.metrics_port, a.feature_dtype
         )
     if a.service == "draft":
-        from dspark.serve import serve_draft
+        from dspark.stack.serve import serve_draft
 
         return serve_draft(_engine_config(a), _server_config(a), a.drafter, a.max_support, a.metrics_port)
     if a.service == "local":
-        from dspark.launcher import StackConfig, run_local
+        from dspark.stack.launcher import StackConfig, run_local
 
         stack = StackConfig(
             _engine_config(a),
@@ -196,13 +196,13 @@ def cmd_serve(a) -> int:
             wait=a.wait,
         )
         return run_local(stack)
-    from dspark.router_serve import serve_router
+    from dspark.router.serve import serve_router
 
     return serve_router(a)
 
 
 def cmd_models(a) -> int:
-    from dspark.model_store import model_dir
+    from dspark.models.model_store import model_dir
 
     if a.prepare:
         print(model_dir(a.prepare))
@@ -218,8 +218,8 @@ def cmd_profile(a) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from dspark import sps_profile
-    from dspark.engine import TargetEngine
+    from dspark.core import sps_profile
+    from dspark.core.engine import TargetEngine
 
     config = replace(_engine_config(a), max_requests=math.ceil(a.max_b / sps_profile.BLOCK))
     engine = TargetEngine(config)
@@ -234,21 +234,21 @@ def cmd_profile(a) -> int:
 
 
 def cmd_bench_policies(a) -> int:
-    from dspark.bench_policies import run
+    from dspark.bench.policies import run
 
     run(a, _engine_config(a))
     return 0
 
 
 def cmd_bench_services(a) -> int:
-    from dspark.bench_services import run
+    from dspark.bench.services import run
 
     run(a, _engine_config(a))
     return 0
 
 
 def cmd_bench_engine(a) -> int:
-    from dspark.bench_engine import run
+    from dspark.bench.engine import run
 
     run(_engine_config(a), a)
     return 0
@@ -257,11 +257,11 @@ def cmd_bench_engine(a) -> int:
 def cmd_data(a) -> int:
     from pathlib import Path
 
-    from dspark.model_store import dspark_home
-    from dspark.registry import REGISTRY
+    from dspark.core.sampling import SamplingParams
+    from dspark.drafter.data import regenerate, training_prompts
+    from dspark.models.model_store import dspark_home
+    from dspark.models.registry import REGISTRY
     from dspark.runtime import build_decoder
-    from dspark.sampling import SamplingParams
-    from dspark.training_data import regenerate, training_prompts
 
     spec = REGISTRY.get(a.model)
     params = SamplingParams(
@@ -286,8 +286,8 @@ def cmd_data(a) -> int:
 def cmd_train(a) -> int:
     from pathlib import Path
 
-    from dspark.model_store import dspark_home
-    from dspark.training import TrainConfig, train
+    from dspark.drafter.train import TrainConfig, train
+    from dspark.models.model_store import dspark_home
 
     overrides = {}
     for key in ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads"):
@@ -312,7 +312,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from dspark.evaluation import run_eval
+    from dspark.drafter.evaluate import run_eval
 
     run_eval(a)
     return 0

@@ -6,25 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from dspark.config import EngineConfig
-from dspark.decoding import Decoder
-from dspark.draft_model import DraftModelProposer
-from dspark.engine import TargetEngine
-from dspark.prompt import eos_token_ids
-from dspark.scheduler import POLICIES
-
-SHIPPED_DRAFTERS = Path(__file__).parent / "data" / "drafters"
-
-
-def default_drafter_path(model: str) -> Path:
-    """The drafter shipped in this package for a registry model."""
-    path = SHIPPED_DRAFTERS / Path(model).name
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"no shipped drafter for {model!r} (looked in {path}); train one with `dspark train` and pass its "
-            "output folder with --drafter"
-        )
-    return path
+from dspark.core.config import EngineConfig
+from dspark.core.decoding import Decoder
+from dspark.core.draft_lm import DraftModelProposer
+from dspark.core.engine import TargetEngine
+from dspark.core.scheduler import POLICIES
+from dspark.drafter.checkpoint import default_drafter_path, load_target_with_drafter
+from dspark.models.prompt import eos_token_ids
 
 
 def build_proposer(config: EngineConfig, target: TargetEngine, draft_model: str) -> DraftModelProposer:
@@ -59,8 +47,8 @@ def build_dspark_decoder(
 ) -> Decoder:
     """DSpark: the target engine with a trained DSpark drafter (default: the one shipped for config.model), its
     feature layers switched on, and the engine's SPS table (loaded, or quickly profiled when none matches)."""
-    from dspark import sps_profile
-    from dspark.dspark_proposer import DSparkProposer
+    from dspark.core import sps_profile
+    from dspark.drafter.proposer import DSparkProposer
 
     if policy not in POLICIES:  # before loading anything
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -71,15 +59,3 @@ def build_dspark_decoder(
         raise ValueError(f"gamma must be in 1..{d.config.gamma} (the drafter's block size)")
     eos = eos_token_ids(engine.model, engine.tokenizer)
     return Decoder(engine, DSparkProposer(d), k, eos, policy=policy, sps=sps, threshold=threshold)
-
-
-def load_target_with_drafter(config: EngineConfig, drafter_path: Path):
-    """(TargetEngine, DSparkDrafter): the target, the `dspark train` drafter at drafter_path bound to its embedding
-    and LM head (refused when trained for another target), and the engine returning the drafter's feature layers."""
-    from dspark.model_store import load_model
-    from dspark.training import load_trained_drafter
-
-    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    drafter = load_trained_drafter(drafter_path, model, tokenizer)
-    config = replace(config, feature_layers=tuple(drafter.config.feature_layers))
-    return TargetEngine(config, model=model, tokenizer=tokenizer), drafter

@@ -1,0 +1,178 @@
+"""`make bench-policies`: every verification policy at concurrency 1, 2, 4, ... on the eval prompts, in one run.
+
+Closed loop: at concurrency c, c requests are in flight and each finished one is replaced by the next until all
+are done. Per policy and concurrency: aggregate tokens/s (all output tokens / wall time), per-user tokens/s (mean
+over requests of output tokens / (finish - arrival)), the mean verification budget (draft tokens verified per request
+per round), tau (tokens emitted per round, the recovered/bonus token included). Ratios are against the
+autoregressive and fixed rows of the same run. Writes JSON and two PNGs: throughput vs per-user speed (paper Fig. 7)
+and budget vs concurrency (Fig. 8).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dspark.core.decoding import Completion, Decoder
+from dspark.core.sampling import SamplingParams
+from dspark.core.scheduler import POLICIES
+from dspark.drafter.eval_sets import EVAL_SETS, first_turns
+from dspark.models.prompt import encode_prompt
+
+
+def eval_prompts(tokenizer, n: int, max_prompt: int) -> list[list[int]]:
+    """n prompts taken round-robin from the shipped eval sets (first turns), each cut to its last max_prompt tokens."""
+    per_set = {s: first_turns(s, limit=n) for s in EVAL_SETS}
+    texts = [per_set[EVAL_SETS[i % len(EVAL_SETS)]][i // len(EVAL_SETS)] for i in range(n)]
+    return [encode_prompt(tokenizer, t)[-max_prompt:] for t in texts]
+
+
+def closed_loop(
+    dec: Decoder, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, tag: str, policy=None
+) -> tuple[list[tuple[int, Completion, float]], float]:
+    """All prompts through dec with `concurrency` in flight, each finished request replaced by the next:
+    ([(prompt index, completion, seconds from arrival to finish)], wall seconds)."""
+    queue = list(range(len(prompts)))
+    arrival: dict[str, tuple[int, float]] = {}
+    out = []
+
+    def submit():
+        i = queue.pop(0)
+        rid = dec.add_request(prompts[i], params[i], request_id=f"bench-{tag}-{i}", policy=policy)
+        arrival[rid] = (i, time.perf_counter())
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(queue))):
+        submit()
+    while dec.has_work:
+        for c in dec.step():
+            i, t0 = arrival.pop(c.request_id)
+            out.append((i, c, time.perf_counter() - t0))
+            if queue:
+                submit()
+    return out, time.perf_counter() - start
+
+
+def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, policy: str, concurrency: int) -> dict:
+    """All prompts through dec at `concurrency` requests in flight under `policy`."""
+    runs, wall = closed_loop(dec, prompts, [params] * len(prompts), concurrency, f"{policy}-{concurrency}", policy)
+    done = [c for _, c, _ in runs]
+    tokens = sum(len(c.token_ids) for c in done)
+    rounds = sum(c.stats.rounds for c in done)
+    return {
+        "policy": policy,
+        "concurrency": concurrency,
+        "requests": len(done),
+        "tokens": tokens,
+        "wall_s": wall,
+        "throughput_tps": tokens / wall,
+        "per_user_tps": statistics.mean(len(c.token_ids) / latency for _, c, latency in runs),
+        "budget_per_round": sum(c.stats.scheduled for c in done) / max(1, rounds),
+        "drafted_per_round": sum(c.stats.drafted for c in done) / max(1, rounds),
+        "tau": (sum(c.stats.accepted for c in done) + rounds) / max(1, rounds),
+    }
+
+
+def goals(rows: list[dict]) -> dict:
+    at = {(r["policy"], r["concurrency"]): r for r in rows}
+    out = {}
+    if ("dspark", 1) in at and ("autoregressive", 1) in at:
+        out["c1_per_user_dspark_vs_autoregressive"] = (
+            at["dspark", 1]["per_user_tps"] / at["autoregressive", 1]["per_user_tps"]
+        )
+    levels = sorted({c for p, c in at if p == "dspark"})
+    out["throughput_dspark_vs_best_baseline"] = {
+        c: at["dspark", c]["throughput_tps"]
+        / max(at[p, c]["throughput_tps"] for p in ("autoregressive", "fixed") if (p, c) in at)
+        for c in levels
+        if any((p, c) in at for p in ("autoregressive", "fixed"))
+    }
+    return out
+
+
+def plot(rows: list[dict], out_dir: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for p in policies:
+        rs = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["concurrency"])
+        ax.plot([r["per_user_tps"] for r in rs], [r["throughput_tps"] for r in rs], "o-", label=p, ms=4)
+        for r in rs:
+            ax.annotate(str(r["concurrency"]), (r["per_user_tps"], r["throughput_tps"]), fontsize=7)
+    ax.set(xlabel="per-user tokens/s", ylabel="aggregate tokens/s", title=f"throughput vs per-user speed\n{title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "throughput_vs_per_user.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for p in policies:
+        rs = sorted((r for r in rows if r["policy"] == p), key=lambda r: r["concurrency"])
+        ax.plot([r["concurrency"] for r in rs], [r["budget_per_round"] for r in rs], "o-", label=p, ms=4)
+    ax.set(xscale="log", xlabel="concurrency", ylabel="verified draft tokens per request per round")
+    ax.set_title(f"verification budget vs concurrency\n{title}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "budget_vs_concurrency.png", dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'policy':15s} {'conc':>4s} {'agg tok/s':>9s} {'user tok/s':>10s} {'budget':>6s} {'tau':>5s}"]
+    for r in rows:
+        lines.append(
+            f"{r['policy']:15s} {r['concurrency']:4d} {r['throughput_tps']:9.2f} {r['per_user_tps']:10.2f} "
+            f"{r['budget_per_round']:6.2f} {r['tau']:5.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run(a, config) -> dict:
+    from dspark.runtime import build_dspark_decoder
+
+    for p in a.policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+    levels = sorted(set(a.concurrency))
+    dec = build_dspark_decoder(config, a.drafter, policy="dspark", sps_profile_path=a.sps_profile)
+    if dec.engine.config.max_requests < max(levels):
+        raise ValueError(f"--max-requests {dec.engine.config.max_requests} is below concurrency {max(levels)}")
+    n_max = max(a.requests_per_level or 2 * c for c in levels)
+    prompts = eval_prompts(dec.engine.tokenizer, max(n_max, 4), a.max_prompt)
+    params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, ignore_eos=True, seed=a.seed)
+    run_level(dec, prompts[:2], params, "dspark", 2)  # warm-up
+    rows = []
+    for c in levels:
+        n = a.requests_per_level or max(4, 2 * c)
+        for p in a.policies:  # policies interleaved per level, so machine drift hits all alike
+            row = run_level(dec, prompts[:n], params, p, c)
+            rows.append(row)
+            print(format_table([row]).splitlines()[1], flush=True)
+    rows.sort(key=lambda r: (a.policies.index(r["policy"]), r["concurrency"]))
+    result = {
+        "config": asdict(dec.engine.config),
+        "drafter": str(a.drafter or "shipped"),
+        "gamma": dec.num_draft,
+        "temperature": a.temperature,
+        "max_tokens": a.max_tokens,
+        "rows": rows,
+        "goals": goals(rows),
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "policies.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out, f"{Path(config.model).name} {config.device} {config.dtype}, T={a.temperature}")
+    print(format_table(rows))
+    print(json.dumps(result["goals"], indent=1))
+    print(f"wrote {out / 'policies.json'} and PNGs")
+    return result

@@ -1,0 +1,282 @@
+"""`make bench-services`: the same eval prompts in this process and through the disaggregated deployment (verifier,
+draft service and router as real local processes, called through the public gRPC API), at concurrency 1 and 8.
+
+Closed loop: at concurrency c, c requests are in flight and each finished one is replaced by the next until all are
+done. The two modes run interleaved at each level (A B, then B A on the next repeat), so machine drift hits both
+alike. Per mode and concurrency: throughput (output tokens / wall time), per-token latency (each request's latency
+divided by its output tokens; mean, p50, p90), mean request latency and tau. Ratios are disaggregated / in-process of
+the same run; the goal (issue 5) is a per-token latency within 15% of in-process at concurrency 1 on the default
+model. Both modes decode the same way (same drafter, SPS table, policy and seeds), so at temperature 0 their outputs
+must be identical; the run checks it. Writes services.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from dspark.bench.policies import closed_loop, eval_prompts
+from dspark.core.sampling import SamplingParams
+
+IN_PROCESS, DISAGGREGATED = "in-process", "disaggregated"
+GOAL_LATENCY_RATIO = 1.15  # disaggregated per-token latency at concurrency 1, relative to in-process
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One finished request."""
+
+    index: int  # the prompt
+    tokens: int  # output tokens
+    seconds: float  # submitted -> finished
+    rounds: int
+    accepted: int  # draft tokens accepted
+    token_ids: tuple[int, ...]
+
+
+# -- pure: statistics, ratios, table ----------------------------------------------------------------------------------
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarise(mode: str, concurrency: int, runs: list[tuple[list[Sample], float]]) -> dict:
+    """One row from the repeats of one mode at one concurrency: (samples, wall seconds) per repeat."""
+    samples = [s for ss, _ in runs for s in ss]
+    wall = sum(w for _, w in runs)
+    tokens = sum(s.tokens for s in samples)
+    per_token = [1000.0 * s.seconds / s.tokens for s in samples if s.tokens]
+    rounds = sum(s.rounds for s in samples)
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "requests": len(samples),
+        "tokens": tokens,
+        "wall_s": wall,
+        "throughput_tps": tokens / wall if wall > 0 else 0.0,
+        "ms_per_token": statistics.mean(per_token) if per_token else 0.0,
+        "ms_per_token_p50": _quantile(per_token, 0.5) if per_token else 0.0,
+        "ms_per_token_p90": _quantile(per_token, 0.9) if per_token else 0.0,
+        "request_s": statistics.mean(s.seconds for s in samples) if samples else 0.0,
+        "tau": (sum(s.accepted for s in samples) + rounds) / rounds if rounds else 0.0,
+    }
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Disaggregated / in-process at each concurrency both modes ran: per-token latency (lower is better, so a ratio
+    above 1 is overhead) and throughput (above 1 is better)."""
+    at = {(r["mode"], r["concurrency"]): r for r in rows}
+    out = []
+    for c in sorted({r["concurrency"] for r in rows}):
+        local, remote = at.get((IN_PROCESS, c)), at.get((DISAGGREGATED, c))
+        if local is None or remote is None:
+            continue
+        out.append(
+            {
+                "concurrency": c,
+                "ms_per_token": remote["ms_per_token"] / local["ms_per_token"] if local["ms_per_token"] else None,
+                "throughput": remote["throughput_tps"] / local["throughput_tps"] if local["throughput_tps"] else None,
+            }
+        )
+    return out
+
+
+def goals(ratio_rows: list[dict]) -> dict:
+    c1 = next((r for r in ratio_rows if r["concurrency"] == 1), None)
+    if c1 is None or c1["ms_per_token"] is None:
+        return {}
+    return {
+        "c1_ms_per_token_ratio": c1["ms_per_token"],
+        "c1_throughput_ratio": c1["throughput"],
+        f"c1_within_{round(100 * (GOAL_LATENCY_RATIO - 1))}pct": c1["ms_per_token"] <= GOAL_LATENCY_RATIO,
+    }
+
+
+def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
+    head = (
+        f"{'mode':14s} {'conc':>4s} {'reqs':>4s} {'tok/s':>8s} {'ms/token':>8s} {'p50':>7s} {'p90':>7s} "
+        f"{'req s':>7s} {'tau':>5s}"
+    )
+    lines = [head]
+    by_c = {r["concurrency"]: r for r in ratio_rows}
+    for c in sorted({r["concurrency"] for r in rows}):
+        for r in (r for r in rows if r["concurrency"] == c):
+            lines.append(
+                f"{r['mode']:14s} {c:4d} {r['requests']:4d} {r['throughput_tps']:8.2f} {r['ms_per_token']:8.1f} "
+                f"{r['ms_per_token_p50']:7.1f} {r['ms_per_token_p90']:7.1f} {r['request_s']:7.2f} {r['tau']:5.2f}"
+            )
+        q = by_c.get(c)
+        if q is not None:
+            tps = "-" if q["throughput"] is None else f"{q['throughput']:.3f}x"
+            lat = "-" if q["ms_per_token"] is None else f"{q['ms_per_token']:.3f}x"
+            lines.append(f"{'dis / in':14s} {c:4d} {'':4s} {tps:>8s} {lat:>8s}")
+    return "\n".join(lines)
+
+
+def matching(a: list[Sample], b: list[Sample]) -> float:
+    """Fraction of prompts whose outputs are identical in both lists (by prompt index; first sample of each)."""
+    first_a, first_b = {}, {}
+    for s in a:
+        first_a.setdefault(s.index, s.token_ids)
+    for s in b:
+        first_b.setdefault(s.index, s.token_ids)
+    common = set(first_a) & set(first_b)
+    return sum(first_a[i] == first_b[i] for i in common) / len(common) if common else 0.0
+
+
+# -- the two modes --------------------------------------------------------------------------------------------------
+
+
+def run_in_process(dec, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, tag: str):
+    """All prompts through the Decoder in this process at `concurrency` in flight: (samples, wall seconds)."""
+    runs, wall = closed_loop(dec, prompts, params, concurrency, tag)
+    samples = [Sample(i, len(c.token_ids), t, c.stats.rounds, c.stats.accepted, tuple(c.token_ids)) for i, c, t in runs]
+    return samples, wall
+
+
+def run_remote(stub, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, timeout_s: float):
+    """All prompts through the router's GenerationService.Generate, `concurrency` calls in flight: (samples, wall)."""
+    from dspark.v1 import generation_pb2 as gpb
+
+    queue = list(range(len(prompts)))
+    lock = threading.Lock()
+    out: list[Sample] = []
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop(0)
+            p = params[i]
+            req = gpb.GenerateRequest(
+                prompt_token_ids=prompts[i], max_tokens=p.max_tokens, temperature=p.temperature, ignore_eos=True
+            )
+            if p.seed is not None:
+                req.seed = p.seed
+            t0 = time.perf_counter()
+            c = stub.Generate(req, timeout=timeout_s).choices[0]
+            sample = Sample(
+                i, len(c.token_ids), time.perf_counter() - t0, c.stats.rounds, c.stats.accepted, tuple(c.token_ids)
+            )
+            with lock:
+                out.append(sample)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(min(concurrency, len(prompts)))]:
+            f.result()
+    return out, time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(a, config) -> dict:
+    import grpc
+    import torch
+
+    from dspark.core import sps_profile
+    from dspark.models.model_store import dspark_home
+    from dspark.runtime import build_dspark_decoder
+    from dspark.stack.launcher import StackConfig, local_stack
+    from dspark.v1 import generation_pb2_grpc
+
+    levels = sorted(set(a.concurrency))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    # in this process first: it loads (or quick-profiles and saves) the SPS table the verifier then loads too
+    dec = build_dspark_decoder(config, a.drafter, policy=a.policy, sps_profile_path=a.sps_profile, log=log)
+    if dec.engine.config.max_requests < max(levels):
+        raise ValueError(f"--max-requests {dec.engine.config.max_requests} is below concurrency {max(levels)}")
+    threads = torch.get_num_threads()  # the verifier and draft service get as many as this process has
+    sps_path = a.sps_profile or str(sps_profile.default_path(sps_profile.ProfileKey.of(dec.engine)))
+    n_max = max(a.requests or max(4, 2 * c) for c in levels)
+    prompts = eval_prompts(dec.engine.tokenizer, n_max, a.max_prompt)
+    params = [
+        SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens, ignore_eos=True, seed=a.seed + i)
+        for i in range(n_max)
+    ]
+    stack = StackConfig(
+        replace(config, threads=threads),
+        drafter=a.drafter,
+        sps_profile=sps_path,
+        policy=a.policy,
+        verifier_port=free_port(),
+        draft_port=free_port(),
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_ports=(0, 0),
+        no_ray=not a.ray,
+        wait=a.wait,
+    )
+    logs = dspark_home() / "logs" / "bench-services"
+    runs: dict[tuple[str, int], list[tuple[list[Sample], float]]] = {}
+    with local_stack(stack, logs, log=log):
+        with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            warm = [SamplingParams(temperature=a.temperature, max_tokens=min(8, a.max_tokens), ignore_eos=True)] * 2
+            run_in_process(dec, prompts[:2], warm, 2, "warm")
+            run_remote(stub, prompts[:2], warm, 2, a.timeout)
+            modes = {
+                IN_PROCESS: lambda ps, c, tag: run_in_process(dec, ps, params, c, tag),
+                DISAGGREGATED: lambda ps, c, tag: run_remote(stub, ps, params, c, a.timeout),
+            }
+            for c in levels:
+                n = a.requests or max(4, 2 * c)
+                for rep in range(a.repeats):
+                    order = [IN_PROCESS, DISAGGREGATED] if rep % 2 == 0 else [DISAGGREGATED, IN_PROCESS]
+                    for mode in order:
+                        samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
+                        runs.setdefault((mode, c), []).append((samples, wall))
+                        row = summarise(mode, c, [(samples, wall)])
+                        log(
+                            f"  {mode:14s} c={c} repeat {rep}: {row['throughput_tps']:.2f} tok/s, "
+                            f"{row['ms_per_token']:.1f} ms/token"
+                        )
+    rows = [summarise(mode, c, runs[mode, c]) for c in levels for mode in (IN_PROCESS, DISAGGREGATED)]
+    same = {
+        c: matching(
+            [s for ss, _ in runs[IN_PROCESS, c] for s in ss], [s for ss, _ in runs[DISAGGREGATED, c] for s in ss]
+        )
+        for c in levels
+    }
+    ratio_rows = ratios(rows)
+    result = {
+        "config": {**asdict(dec.engine.config), "threads": threads},
+        "drafter": str(a.drafter or "shipped"),
+        "gamma": dec.num_draft,
+        "policy": a.policy,
+        "temperature": a.temperature,
+        "max_tokens": a.max_tokens,
+        "repeats": a.repeats,
+        "router": "ray serve" if a.ray else "grpc.aio (--no-ray)",
+        "sps_profile": sps_path,
+        "rows": rows,
+        "ratios": ratio_rows,
+        "identical_outputs": same,
+        "goals": goals(ratio_rows),
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "services.json").write_text(json.dumps(result, indent=1))
+    print(format_table(rows, ratio_rows))
+    print("identical outputs (fraction of prompts): " + ", ".join(f"c={c}: {f:.2f}" for c, f in same.items()))
+    print(json.dumps(result["goals"], indent=1))
+    print(f"wrote {out / 'services.json'}")
+    return result

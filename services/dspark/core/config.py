@@ -1,0 +1,24 @@
+"""Frozen configuration read once at the process edge and passed to constructors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dspark.models.registry import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL  # registry name, local HF folder or .gguf path
+    device: str = "cpu"  # any torch device string: "cpu", "cuda", "cuda:1"
+    dtype: str = "float32"  # "float32" or "bfloat16"
+    max_requests: int = 8  # concurrent requests, one KV slot each
+    max_context: int = 2048  # prompt + generated tokens per request
+    feature_layers: tuple[int, ...] = ()  # hidden-state layers returned per token (0 = embeddings)
+    threads: int | None = None  # torch CPU threads; None = torch's default
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_requests < 1 or self.max_context < 2:
+            raise ValueError("max_requests must be >= 1 and max_context >= 2")

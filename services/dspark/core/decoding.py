@@ -1,0 +1,322 @@
+"""The decode loop: propose -> verify -> commit, over many requests with continuous batching.
+
+Each round every running request sends its anchor token (the last token it emitted, not yet in the
+target's cache) followed by its draft block through one batched target forward; rejection sampling
+keeps a prefix of the block and emits one recovered or bonus token, which becomes the next anchor.
+With no proposer (or k = 0) the same loop is plain autoregressive decoding: the baseline.
+Requests join and leave between rounds. The loop sees the drafter only as a Proposer and the target only as a
+Verifier, in this process or behind gRPC; it holds every request's token history, the state both can be rebuilt from.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from dspark.core.engine import CapacityError, ContextLengthError, TargetEngine
+from dspark.core.proposer import DraftRequest, Proposal, Proposer
+from dspark.core.sampling import SamplingParams
+from dspark.core.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, schedule
+from dspark.core.verifier import LocalVerifier, PrefillItem, Verifier, VerifyItem
+
+
+@dataclass
+class RequestStats:
+    rounds: int = 0  # verification rounds
+    drafted: int = 0  # draft tokens proposed
+    scheduled: int = 0  # draft tokens sent to verification (the verification budget)
+    accepted: int = 0  # draft tokens that survived
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: rounds whose draft i survived
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per round, the recovered/bonus token included (as the paper counts it)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def record(self, scheduled: int, accepted: int) -> None:
+        self.rounds += 1
+        self.scheduled += scheduled
+        self.accepted += accepted
+        if len(self.accepted_per_position) < scheduled:
+            self.accepted_per_position += [0] * (scheduled - len(self.accepted_per_position))
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-sequence or stop token), "length" (max_tokens / context), "abort"
+    stats: RequestStats
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    policy: str
+    output: list[int] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+    new_features: list[torch.Tensor] = field(default_factory=list)  # committed, not yet sent to the proposer
+
+    def take_features(self) -> torch.Tensor | None:
+        if not self.new_features:
+            return None
+        out, self.new_features = torch.cat(self.new_features), []
+        return out
+
+    @property
+    def anchor(self) -> int:
+        return self.output[-1]
+
+    @property
+    def committed(self) -> int:
+        """Tokens in the target's cache: every token but the anchor."""
+        return len(self.prompt_ids) + len(self.output) - 1
+
+
+class Decoder:
+    def __init__(
+        self,
+        target: TargetEngine | Verifier,
+        proposer: Proposer | None = None,
+        num_draft: int = 0,
+        eos_token_ids: tuple[int, ...] = (),
+        policy: str = "fixed",
+        sps: SpsTable | None = None,
+        threshold: float = 0.5,
+    ):
+        if isinstance(target, TargetEngine):
+            self.engine: TargetEngine | None = target
+            self.verifier: Verifier = LocalVerifier(target, sps)
+        else:
+            self.engine, self.verifier = None, target
+        self.proposer = proposer
+        self.num_draft = num_draft if proposer is not None else 0
+        self.sps, self.threshold = (sps if sps is not None else self.verifier.sps), threshold
+        self.policy = self._check_policy(policy)
+        # dspark-async, per verifier replica (None: a verifier without replicas): the batch capacities computed from
+        # the last two rounds' confidences (oldest first)
+        self._capacities: dict[Hashable, collections.deque[int | None]] = {}
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._ids = itertools.count()
+        self._ids_in_use: set[str] = set()
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def _check_policy(self, policy: str) -> str:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy in NEEDS_SPS and self.sps is None:
+            raise ValueError(f"the {policy} policy needs the verifier's SPS table")
+        return policy
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, policy: str | None = None
+    ) -> str:
+        """Queue a request; `policy` overrides the decoder's verification policy for this request only."""
+        policy = self.policy if policy is None else self._check_policy(policy)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.verifier.max_context:
+            raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; max_context is {self.verifier.max_context}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.verifier.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (0..{self.verifier.vocab_size - 1}): {bad[:5]}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._ids_in_use:
+            raise ValueError(f"request id {rid!r} is already in use")
+        self._ids_in_use.add(rid)
+        self._waiting.append(_Request(rid, list(prompt_ids), params, policy))
+        return rid
+
+    def abort(self, request_id: str) -> Completion | None:
+        for queue in (self._waiting, self._running):
+            for r in queue:
+                if r.request_id == request_id:
+                    queue.remove(r)
+                    self._free(r)
+                    return self._completion(r, "abort")
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def outputs(self) -> dict[str, list[int]]:
+        """Tokens emitted so far by each running request (for streaming; the lists are live, do not modify)."""
+        return {r.request_id: r.output for r in self._running}
+
+    def live_stats(self) -> dict[str, tuple[str, RequestStats]]:
+        """(policy, live statistics) of every queued or running request; the stats objects update as rounds run."""
+        return {r.request_id: (r.policy, r.stats) for q in (self._waiting, self._running) for r in q}
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- one round --------------------------------------------------------------------------------------
+
+    def step(self) -> list[Completion]:
+        """Admit waiting requests, run one propose -> verify -> commit round; return what finished."""
+        finished = self._admit()
+        batch = self._running
+        if not batch:
+            return finished
+        ks = [self._budget(r) for r in batch]
+        drafted = self._propose(batch, ks)
+        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, drafted))]
+        outs = self.verifier.verify(
+            [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
+        )
+        still = []
+        for r, d, p, v in zip(batch, drafted, proposals, outs):
+            if v.features is not None:
+                r.new_features.append(v.features)
+            r.stats.drafted += len(d.token_ids)
+            r.stats.record(len(p.token_ids), v.accepted)
+            reason = self._emit(r, v.tokens)
+            if reason:
+                self._free(r)
+                finished.append(self._completion(r, reason))
+            else:
+                still.append(r)
+        self._running = still
+        return finished
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], policy: str | None = None
+    ) -> list[Completion]:
+        """Run prompts to completion (continuous batching when there are more than engine slots)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, policy=policy) for p, sp in zip(prompts, plist)]
+        done: dict[str, Completion] = {}
+        while self.has_work:
+            for c in self.step():
+                done[c.request_id] = c
+        return [done[i] for i in ids]
+
+    # -- pieces -----------------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Completion]:
+        """Prefill as many waiting requests as the verifier has room for, in one call."""
+        n = min(len(self._waiting), self.verifier.free_slots)
+        admitted = [self._waiting.popleft() for _ in range(n)]
+        if not admitted:
+            return []
+        try:
+            outs = self.verifier.prefill([PrefillItem(r.request_id, r.prompt_ids, r.params) for r in admitted])
+        except CapacityError:  # a shared verifier filled up meanwhile: they wait for the next round
+            self._waiting.extendleft(reversed(admitted))
+            if not self._running:
+                time.sleep(0.01)  # nothing else to do until a session is released somewhere
+            return []
+        finished = []
+        for r, out in zip(admitted, outs):
+            if out.features is not None:
+                r.new_features.append(out.features)
+            reason = self._emit(r, [out.token])
+            if reason:
+                self._free(r)
+                finished.append(self._completion(r, reason))
+            else:
+                self._running.append(r)
+        return finished
+
+    def _budget(self, r: _Request) -> int:
+        """Draft tokens worth verifying: never past max_tokens or the context."""
+        room_tokens = r.params.max_tokens - len(r.output) - 1
+        room_context = self.verifier.max_context - r.committed - 1
+        k = 0 if r.policy == "autoregressive" else self.num_draft
+        return max(0, min(k, room_tokens, room_context))
+
+    def _propose(self, batch: list[_Request], ks: list[int]) -> list[Proposal]:
+        empty = Proposal.empty(self.verifier.vocab_size, self.verifier.device)
+        if self.proposer is None or not any(ks):
+            return [empty] * len(batch)
+        reqs = [
+            DraftRequest(r.request_id, r.prompt_ids + r.output, k, r.params, r.take_features())
+            for r, k in zip(batch, ks)
+        ]
+        return self.proposer.propose(reqs)
+
+    def _schedule(self, batch: list[_Request], proposals: list[Proposal]) -> list[int]:
+        """Verification budget per request: how much of each proposal the target checks this round. The load is what
+        each verifier replica batches: the round's requests are grouped by the replica they are pinned to and each
+        group is priced with that replica's own SPS table (a verifier without replicas: one group, its table)."""
+        replica_of = getattr(self.verifier, "replica_of", None)
+        groups: dict[Hashable, list[int]] = {}
+        for i, r in enumerate(batch):
+            groups.setdefault(None if replica_of is None else replica_of(r.request_id), []).append(i)
+        lengths = [0] * len(batch)
+        for replica, idx in groups.items():
+            history = self._capacities.setdefault(replica, collections.deque([None, None], maxlen=2))
+            group = self._schedule_group(
+                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica), history
+            )
+            for i, n in zip(idx, group):
+                lengths[i] = n
+        return lengths
+
+    def _sps_of(self, replica: Hashable) -> SpsTable | None:
+        """A replica's own table; the decoder's (`sps`, else the verifier's) without replicas or when it has none."""
+        table = None if replica is None else self.verifier.sps_of(replica)
+        return self.sps if table is None else table
+
+    def _schedule_group(
+        self, batch: list[_Request], proposals: list[Proposal], sps: SpsTable | None, capacities: collections.deque
+    ) -> list[int]:
+        """The budgets of the requests one verifier batches, priced with its table; `capacities`: its dspark-async
+        capacities from the last two rounds it scheduled dspark-async requests in (oldest first)."""
+        policies = [r.policy for r in batch]
+        if all(p == "fixed" for p in policies) or not any(len(p.token_ids) for p in proposals):
+            return [len(p.token_ids) for p in proposals]
+        conf = []
+        for r, p in zip(batch, proposals):
+            if p.confidence is not None:
+                conf.append(p.confidence.tolist())
+            elif r.policy == "fixed" or not len(p.token_ids):
+                conf.append([1.0] * len(p.token_ids))  # no estimate: counted as surviving in the others' Theta
+            else:
+                raise ValueError(f"the {r.policy} policy needs a proposer that reports confidences")
+        capacity = capacities[0]
+        if "dspark-async" in policies:  # two rounds on, this round's confidences size that round's batch
+            capacities.append(batch_capacity(conf, sps))
+        return schedule(policies, conf, sps, self.threshold, capacity)
+
+    def _emit(self, r: _Request, tokens: list[int]) -> str | None:
+        """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""
+        stops = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_token_ids)
+        for t in tokens:
+            r.output.append(t)
+            if t in stops:
+                return "stop"
+            if len(r.output) >= r.params.max_tokens:
+                return "length"
+        if r.committed + 1 > self.verifier.max_context:  # no room for the anchor
+            return "length"
+        return None
+
+    def _free(self, r: _Request) -> None:
+        self._ids_in_use.discard(r.request_id)
+        self.verifier.release(r.request_id)
+        if self.proposer is not None:
+            self.proposer.release(r.request_id)
+
+    @staticmethod
+    def _completion(r: _Request, reason: str) -> Completion:
+        return Completion(r.request_id, r.prompt_ids, list(r.output), reason, r.stats)

@@ -1,0 +1,79 @@
+"""The DSpark drafter as a proposer: per request it keeps the drafter's context keys/values, grown from the
+target features that arrive with each DraftRequest, and drafts all requests of a round in one batched pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dspark.core.proposer import DraftRequest, Proposal
+from dspark.core.sampling import DRAFT_STREAM, RandomStreams
+from dspark.drafter.model import ContextKV, DSparkDrafter
+
+
+class DSparkProposer:
+    def __init__(self, drafter: DSparkDrafter, max_support: int | None = None):
+        """max_support: sample each draft token from at most that many candidates (a top-k cap over the request's
+        own top-k/top-p), so its distribution is sparse and cheap to send to a remote verifier; None = no cap."""
+        self.drafter = drafter.eval()
+        self.max_support = max_support
+        self.device = next(drafter.parameters()).device
+        self._ctx: dict[str, ContextKV] = {}  # context K/V of every token before the request's anchor
+        self._rng = RandomStreams(DRAFT_STREAM, self.device)  # draft tokens from position p on: keyed by p
+
+    @property
+    def gamma(self) -> int:
+        return self.drafter.config.gamma
+
+    def release(self, request_id: str) -> None:
+        self._ctx.pop(request_id, None)
+        self._rng.release(request_id)
+
+    def rollback(self, request_id: str, length: int) -> None:
+        """Keep the context of the first `length` tokens only (a caller retrying a round it already sent)."""
+        ctx = self._ctx.get(request_id)
+        if ctx is not None and ctx.length > length:
+            self._ctx[request_id] = ctx.crop(length)
+
+    @torch.no_grad()
+    def _absorb(self, r: DraftRequest) -> None:
+        if r.request_id not in self._rng:
+            self._rng.open(r.request_id, r.params.seed)
+        if r.features is None or not len(r.features):
+            return
+        old = self._ctx.get(r.request_id)
+        start = 0 if old is None else old.length
+        new = self.drafter.encode_context(r.features[None].to(self.device), start=start)
+        self._ctx[r.request_id] = new if old is None else old.cat_tokens(new)
+        ctx_len = self._ctx[r.request_id].length
+        if ctx_len != len(r.token_ids) - 1:
+            raise ValueError(
+                f"request {r.request_id!r}: drafter context has {ctx_len} tokens but {len(r.token_ids) - 1} precede "
+                "the anchor; the target's features must cover every committed token"
+            )
+
+    def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
+        for r in requests:
+            self._absorb(r)
+        V = self.drafter.config.vocab_size
+        active = [r for r in requests if r.num_draft > 0]
+        out = {r.request_id: Proposal.empty(V, self.device) for r in requests if r.num_draft == 0}
+        if active:
+            k_max = max(r.num_draft for r in active)
+            if k_max > self.gamma:
+                raise ValueError(f"num_draft {k_max} exceeds the drafter's block size gamma={self.gamma}")
+            ctx, lens = ContextKV.batch([self._ctx[r.request_id] for r in active])
+            draft = self.drafter.propose(
+                ctx,
+                lens,
+                [r.token_ids[-1] for r in active],
+                params=[r.params for r in active],
+                generator=[self._rng.at(r.request_id, len(r.token_ids)) for r in active],
+                num_draft=k_max,
+                max_support=self.max_support,
+            )
+            # a row drafted past its own k only consumed randomness: its first k tokens and q are exact
+            for i, r in enumerate(active):
+                k = r.num_draft
+                out[r.request_id] = Proposal(draft.tokens[i, :k], draft.probs[i, :k], draft.confidence[i, :k])
+        return [out[r.request_id] for r in requests]

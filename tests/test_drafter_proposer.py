@@ -1,0 +1,72 @@
+"""DSparkProposer inside the decode loop: exactness does not depend on the drafter, features reach it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.core.config import EngineConfig
+from dspark.core.decoding import Decoder
+from dspark.core.engine import TargetEngine
+from dspark.core.proposer import DraftRequest
+from dspark.core.sampling import SamplingParams
+from dspark.drafter.model import DSparkDrafter
+from dspark.drafter.proposer import DSparkProposer
+
+from conftest import tiny_model
+
+
+def setup(gamma=4, max_requests=2):
+    model = tiny_model(seed=0)
+    layers = (0, 1, 2)
+    engine = TargetEngine(EngineConfig(max_requests=max_requests, max_context=64, feature_layers=layers), model=model)
+    torch.manual_seed(1)
+    drafter = DSparkDrafter.from_target_model(model, feature_layers=layers, n_layer=1, gamma=gamma, markov_rank=8)
+    return engine, DSparkProposer(drafter)
+
+
+def test_greedy_with_dspark_drafter_equals_plain():
+    engine, proposer = setup()
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    sp = SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True)
+    plain = Decoder(engine).generate(prompts, sp)
+    spec = Decoder(engine, proposer, num_draft=4).generate(prompts, sp)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    assert all(c.stats.scheduled > 0 for c in spec)
+    assert proposer._ctx == {} and engine.active == 0  # released
+
+
+def test_proposals_carry_confidences_and_exact_q():
+    engine, proposer = setup()
+    sp = SamplingParams(temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)
+    dec = Decoder(engine, proposer, num_draft=3)
+    seen = []
+    real_propose = proposer.propose
+
+    def spy(reqs):
+        out = real_propose(reqs)
+        seen.extend(zip(reqs, out))
+        return out
+
+    proposer.propose = spy
+    dec.generate([[3, 4, 5]], sp)
+    assert seen
+    for req, p in seen:
+        assert p.token_ids.shape == (req.num_draft,) and p.confidence.shape == (req.num_draft,)
+        assert ((p.confidence > 0) & (p.confidence < 1)).all()
+        torch.testing.assert_close(p.probs.sum(-1), torch.ones(req.num_draft))
+        assert (p.probs[torch.arange(req.num_draft), p.token_ids] > 0).all()
+
+
+def test_context_must_cover_every_token_before_the_anchor():
+    engine, proposer = setup()
+    feats = torch.zeros(2, proposer.drafter.config.feature_size)
+    with pytest.raises(ValueError, match="precede the anchor"):
+        proposer.propose([DraftRequest("r", [3, 4, 5, 6], 2, SamplingParams(), feats)])
+
+
+def test_num_draft_above_gamma_is_an_error():
+    engine, proposer = setup(gamma=2)
+    feats = torch.zeros(3, proposer.drafter.config.feature_size)
+    with pytest.raises(ValueError, match="gamma"):
+        proposer.propose([DraftRequest("r", [3, 4, 5, 6], 3, SamplingParams(), feats)])

@@ -1,0 +1,208 @@
+"""`dspark train` on a tiny random llama target, with training data the target generated itself (no real model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dspark.drafter.checkpoint import METADATA, WEIGHTS, TargetMismatchError, load_trained_drafter, target_fingerprint
+from dspark.drafter.train import (
+    CHECKPOINT,
+    LOG,
+    PLOT,
+    CachedFeatures,
+    LiveFeatures,
+    Target,
+    TrainConfig,
+    batch_indices,
+    load_examples,
+    lr_at,
+    make_example,
+    train,
+)
+
+from conftest import tiny_model
+
+V = 32
+
+
+def small(**kw) -> TrainConfig:
+    """The tiny preset, sized for the tiny target (its vocabulary is 32)."""
+    return TrainConfig.preset("tiny", **{"markov_rank": 8, "gamma": 4, **kw})
+
+
+@pytest.fixture(scope="module")
+def target(one_thread):
+    return tiny_model("llama", vocab=V)
+
+
+@pytest.fixture(scope="module")
+def data(target, tmp_path_factory):
+    """`dspark data`-format JSONL: 10 random prompts, responses sampled from the tiny target."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    with open(path, "w") as f:
+        for i in range(10):
+            prompt = torch.randint(2, V, (int(torch.randint(4, 12, (), generator=g)),), generator=g).tolist()
+            out = target.generate(
+                torch.tensor([prompt]), max_new_tokens=48, min_new_tokens=48, do_sample=True, pad_token_id=0
+            )
+            resp = out[0, len(prompt) :].tolist()
+            f.write(json.dumps({"id": f"t:{i}", "prompt_ids": prompt, "response_ids": resp, "finish_reason": "length"}))
+            f.write("\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(target, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(small(steps=40), data, out, model=target, target_name="tiny-llama", progress=False)
+
+
+def test_loss_goes_down_and_outputs_written(run):
+    losses = [r["loss"] for r in run.log["train"]]
+    assert len(losses) == 40 and run.step == 40
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
+    for r in run.log["train"]:
+        assert {"ce", "tv", "conf", "accept", "tau", "lr", "grad_norm"} <= r.keys() and len(r["accept"]) == 4
+    assert [e["step"] for e in run.log["eval"]] == [10, 20, 30, 40]
+    for name in (CHECKPOINT, LOG, PLOT, WEIGHTS, METADATA):
+        assert (run.out_dir / name).is_file(), name
+    log = json.loads((run.out_dir / LOG).read_text())
+    cal = log["calibration"]
+    assert cal["blocks"] > 0 and 1.0 <= cal["tau"] <= 5.0 and len(cal["temperatures"]) == 4
+    assert (run.out_dir / PLOT).read_bytes()[:4] == b"\x89PNG"
+    temps = run.drafter.conf_temperature.tolist()
+    assert temps == pytest.approx(cal["temperatures"], rel=1e-3)
+
+
+def test_saved_drafter_loads_back_identically(run, target):
+    d0 = run.drafter.eval()
+    d1 = load_trained_drafter(run.out_dir, target)
+    assert d1.embed_tokens is target.get_input_embeddings() and d1.lm_head is target.get_output_embeddings()
+    # the file holds the drafter's own weights only, never the shared target embedding / LM head
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.out_dir / WEIGHTS))
+    assert saved.keys() == d0.drafter_state_dict().keys()
+    assert sum(v.numel() for v in saved.values()) == sum(p.numel() for p in d0.parameters()) + d0.config.gamma
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 14, d0.config.feature_size, generator=g)
+    ids = torch.randint(0, V, (2, 14), generator=g)
+    anchors = torch.tensor([[2, 7], [5, 9]])
+    with torch.no_grad():
+        a, b = d0(feats, ids, anchors), d1(feats, ids, anchors)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.conf_logits, b.conf_logits)
+    assert torch.equal(d1.conf_temperature, d0.conf_temperature)
+
+
+def test_loading_for_another_target_is_refused(run):
+    other = tiny_model("llama", vocab=V, layers=3)
+    with pytest.raises(TargetMismatchError, match="tiny-llama"):
+        load_trained_drafter(run.out_dir / WEIGHTS, other)
+
+    class Tok:
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(V)}
+
+    with pytest.raises(TargetMismatchError):  # same architecture, but a tokenizer the drafter was not trained with
+        load_trained_drafter(run.out_dir, tiny_model("llama", vocab=V), Tok())
+
+
+def test_resume_continues_exactly(target, data, tmp_path):
+    cfg = small(steps=16, feature_cache=False, checkpoint_every=4, eval_every=8)
+    first = train(cfg, data, tmp_path / "a", model=target, stop_after=10, progress=False)
+    assert first.step == 10 and not (tmp_path / "a" / WEIGHTS).exists()
+    assert torch.load(tmp_path / "a" / CHECKPOINT, weights_only=True)["step"] == 10
+    # an unfinished run's checkpoint loads as a drafter (for evaluating it), checked against the target like a file
+    mid = load_trained_drafter(tmp_path / "a" / CHECKPOINT, target)
+    sm, sf = mid.drafter_state_dict(), first.drafter.drafter_state_dict()
+    assert all(torch.equal(sm[k], sf[k]) for k in sf)
+    with pytest.raises(TargetMismatchError):
+        load_trained_drafter(tmp_path / "a" / CHECKPOINT, tiny_model("llama", vocab=V, layers=3))
+    with pytest.raises(ValueError, match="already holds"):
+        train(cfg, data, tmp_path / "a", model=target, progress=False)
+    with pytest.raises(ValueError, match="n_layer"):
+        train(small(steps=16, n_layer=2), data, tmp_path / "a", resume=True, model=target, progress=False)
+    resumed = train(cfg, data, tmp_path / "a", resume=True, model=target, progress=False)
+    assert resumed.step == 16 and [r["step"] for r in resumed.log["train"]] == list(range(1, 17))
+    straight = train(cfg, data, tmp_path / "b", model=target, progress=False)
+    assert [r["loss"] for r in resumed.log["train"]] == [r["loss"] for r in straight.log["train"]]
+    sa, sb = resumed.drafter.drafter_state_dict(), straight.drafter.drafter_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_no_sequential_head_ablation_via_cli(target, data, tmp_path, monkeypatch):
+    import dspark.drafter.train
+    import dspark.models.model_store
+    from dspark.cli import main
+
+    monkeypatch.setattr(dspark.models.model_store, "load_model", lambda *a, **k: (target, None))
+    monkeypatch.setitem(dspark.drafter.train.PRESETS, "tiny", small(eval_every=0, checkpoint_every=0))
+    out = tmp_path / "ablation"
+    args = ["train", "--data", str(data), "--config", "tiny", "--steps", "3", "--sequential-head", "none"]
+    args += ["--markov-rank", "4"]
+    assert main([*args, "--out", str(out)]) == 0
+    meta = json.loads((out / METADATA).read_text())
+    assert meta["drafter_config"]["sequential_head"] == "none" and meta["steps"] == 3
+    assert meta["drafter_config"]["markov_rank"] == 4
+    d = load_trained_drafter(out, target)
+    assert d.seq is None and not any(k.startswith("seq.") for k in d.drafter_state_dict())
+    assert d.confidence.in_features == d.config.hidden_size
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------
+
+
+def test_make_example_truncation():
+    ex = make_example("a", list(range(10)), list(range(100, 105)), 64)
+    assert ex.ids == tuple(range(10)) + tuple(range(100, 105)) and ex.n_prompt == 10
+    ex = make_example("b", list(range(50)), list(range(100, 140)), 64)  # response keeps half the window
+    assert len(ex.ids) == 64 and ex.n_prompt == 32 and ex.ids[:32] == tuple(range(18, 50))
+    ex = make_example("c", list(range(10)), list(range(100, 200)), 64)  # short prompt kept whole
+    assert ex.n_prompt == 10 and ex.ids[10:] == tuple(range(100, 154))
+
+
+def test_load_examples_skips_responseless(tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [("a", [1, 2], [3, 4, 5]), ("b", [1, 2], [3]), ("c", [1], [4, 5])]
+    p.write_text("".join(json.dumps({"id": i, "prompt_ids": a, "response_ids": b}) + "\n" for i, a, b in rows))
+    assert [e.id for e in load_examples(p, 16)] == ["a", "c"]
+    p.write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match="dspark data"):
+        load_examples(p, 16)
+
+
+def test_schedule_and_batch_order():
+    cfg = small(lr=1.0, warmup=4, steps=20, min_lr_ratio=0.1)
+    assert [lr_at(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(cfg, 19) == pytest.approx(0.1, abs=0.01) and lr_at(cfg, 12) == pytest.approx(0.55, abs=0.05)
+    seen = [i for s in range(5) for i in batch_indices(10, 2, s, seed=1)]
+    assert sorted(seen) == list(range(10))  # one epoch visits every example once
+    assert batch_indices(10, 2, 7, seed=1) == batch_indices(10, 2, 7, seed=1) != batch_indices(10, 2, 7, seed=2)
+
+
+def test_target_features_and_gathered_logits(target, data, tmp_path):
+    exs = load_examples(data, 64)[:3]
+    t = Target(target, (1, 2))
+    live = LiveFeatures(t, exs).batch([0, 1, 2])
+    cached = CachedFeatures(t, exs, tmp_path / "cache", key="k").batch([0, 1, 2])
+    real = live.attention_mask.bool()  # padding: the live target's output, zeros in the cache; neither is read
+    assert torch.allclose(live.features[real], cached.features[real], atol=2e-2, rtol=1e-2)
+    assert torch.allclose(live.final[real], cached.final[real], atol=2e-2, rtol=1e-2)
+    assert torch.equal(live.input_ids, cached.input_ids) and torch.equal(live.loss_mask, cached.loss_mask)
+    for i, e in enumerate(exs):  # right padding leaves every real position as the unpadded forward computes it
+        ref = target(torch.tensor([e.ids]), output_hidden_states=True)
+        n = len(e.ids)
+        assert torch.allclose(live.features[i, :n, 32:], ref.hidden_states[2][0], atol=1e-5)
+        assert torch.allclose(t.logits(live.final[i, :n]), ref.logits[0], atol=1e-5)
+        assert live.loss_mask[i].sum() == n - e.n_prompt and not live.loss_mask[i, : e.n_prompt].any()
+
+
+def test_fingerprint():
+    a, b = tiny_model("llama", vocab=V, seed=0), tiny_model("llama", vocab=V, seed=1)
+    assert target_fingerprint(a) == target_fingerprint(b)  # same architecture and (no) tokenizer
+    assert target_fingerprint(a) != target_fingerprint(tiny_model("qwen2", vocab=V))
