@@ -41,6 +41,11 @@ class ForwardOutput:
     features: torch.Tensor | None  # (T, F) concatenated hidden states of config.feature_layers, or None
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The final logit softcapping some models apply (Gemma: cap * tanh(logits / cap)); None or 0: unchanged."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class TargetEngine:
     def __init__(self, config: EngineConfig, model=None, tokenizer=None):
         if config.threads:
@@ -180,9 +185,7 @@ class TargetEngine:
             hidden = hidden[torch.arange(len(blocks), device=dev), n_real - 1][:, None]  # (B, 1, C)
         elif logits != "all":
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        scores = self.lm_head(hidden).float()  # (B, T or 1, V)
-        if self._softcap:
-            scores = torch.tanh(scores / self._softcap) * self._softcap
+        scores = softcap(self.lm_head(hidden).float(), self._softcap)  # (B, T or 1, V)
         feats = None
         if want_features:
             feats = torch.cat([out.hidden_states[i] for i in self.config.feature_layers], dim=-1)  # (B, T, F)

@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dspark.core.engine import softcap
 from dspark.core.sampling import SamplingParams, logits_to_probs
 from dspark.core.verification import verify
 from dspark.drafter.checkpoint import (
@@ -338,9 +339,7 @@ class Target:
         w = self.lm_head.weight
         with self.amp():
             out = self.lm_head(final.to(w.dtype)).float()
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return softcap(out, self.softcap)
 
 
 class LiveFeatures:
