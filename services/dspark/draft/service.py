@@ -11,7 +11,6 @@ start; a longer one (a retried call) is rolled back first.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from dspark.core.proposer import DraftRequest, Proposal
 from dspark.core.sampling import SamplingParams
 from dspark.drafter.proposer import DSparkProposer
 from dspark.serving import metrics, wire
-from dspark.serving.grpc_server import MissingSessionsError, call
+from dspark.serving.grpc_server import CoreServicer, MissingSessionsError
 from dspark.v1 import draft_pb2 as dpb
 from dspark.v1 import draft_pb2_grpc
 
@@ -162,22 +161,17 @@ class DraftCore:
         )
 
 
-class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, core: DraftCore):
-        self.core = core
-        self.lock = asyncio.Lock()
+class DraftServicer(CoreServicer, draft_pb2_grpc.DraftServiceServicer):
+    service = "draft"
+    core: DraftCore
 
     async def Draft(self, request: dpb.DraftInput, context) -> dpb.DraftOutput:
-        out = await call(context, self.lock, self.core.draft_msg, request, "draft", "draft")
-        self.core.observe()
-        return out
+        return await self.run(context, self.core.draft_msg, request, "draft")
 
     async def Release(self, request, context):
         from dspark.v1 import verifier_pb2 as vpb
 
-        n = await call(context, self.lock, self.core.release_msg, request, "draft", "release")
-        self.core.observe()
-        return vpb.ReleaseOutput(released=n)
+        return vpb.ReleaseOutput(released=await self.run(context, self.core.release_msg, request, "release"))
 
     async def Info(self, request, context) -> dpb.DraftInfo:
         return self.core.info()

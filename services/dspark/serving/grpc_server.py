@@ -1,7 +1,7 @@
 """What every dspark gRPC service shares: a grpc.aio server with message size limits, health checking, server
 reflection, errors mapped to status codes, session expiry and a graceful drain on SIGTERM.
 
-Servicers stay thin: each RPC converts messages and calls a plain core object through `call`, which maps the core's
+Servicers stay thin (`CoreServicer`): each RPC calls a plain core object through `call`, which maps the core's
 exceptions to status codes with the core's message (written for the person who sent the request).
 """
 
@@ -95,6 +95,23 @@ async def call(
             metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - t)
             metrics.RPC_BATCH.labels(service, method).observe(batch)
             telemetry.record_request_spans(f"dspark.{method}", service, requests, start_ns, time.time_ns(), span)
+
+
+class CoreServicer:
+    """The shared part of a service's servicer: the core it adapts, the lock that lets one call at a time at the
+    model, and `run`: `call` followed by the core's gauges (core.observe()). Subclasses set `service`, and each RPC
+    is one `run` of a core method."""
+
+    service = ""  # the service label of spans and metrics
+
+    def __init__(self, core):
+        self.core = core
+        self.lock = asyncio.Lock()
+
+    async def run(self, context: grpc.aio.ServicerContext, fn: Callable[..., Any], msg, method: str) -> Any:
+        out = await call(context, self.lock, fn, msg, self.service, method)
+        self.core.observe()
+        return out
 
 
 async def _call_locked(context, lock: asyncio.Lock, fn, *args) -> Any:

@@ -10,7 +10,6 @@ it from its own token history.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dspark.core.engine import CapacityError, ContextLengthError, TargetEngine
 from dspark.core.scheduler import SpsTable
 from dspark.core.verifier import LocalVerifier, Prefilled, PrefillItem, Verified, VerifyItem
 from dspark.serving import metrics, wire
-from dspark.serving.grpc_server import MissingSessionsError, call
+from dspark.serving.grpc_server import CoreServicer, MissingSessionsError
 from dspark.v1 import verifier_pb2 as vpb
 from dspark.v1 import verifier_pb2_grpc
 
@@ -203,25 +202,18 @@ class VerifierCore:
         )
 
 
-class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
-    def __init__(self, core: VerifierCore):
-        self.core = core
-        self.lock = asyncio.Lock()
+class VerifierServicer(CoreServicer, verifier_pb2_grpc.VerifierServiceServicer):
+    service = "verifier"
+    core: VerifierCore
 
     async def Prefill(self, request: vpb.PrefillInput, context) -> vpb.PrefillOutput:
-        out = await call(context, self.lock, self.core.prefill_msg, request, "verifier", "prefill")
-        self.core.observe()
-        return out
+        return await self.run(context, self.core.prefill_msg, request, "prefill")
 
     async def Verify(self, request: vpb.VerifyInput, context) -> vpb.VerifyOutput:
-        out = await call(context, self.lock, self.core.verify_msg, request, "verifier", "verify")
-        self.core.observe()
-        return out
+        return await self.run(context, self.core.verify_msg, request, "verify")
 
     async def Release(self, request: vpb.ReleaseInput, context) -> vpb.ReleaseOutput:
-        n = await call(context, self.lock, self.core.release_msg, request, "verifier", "release")
-        self.core.observe()
-        return vpb.ReleaseOutput(released=n)
+        return vpb.ReleaseOutput(released=await self.run(context, self.core.release_msg, request, "release"))
 
     async def Info(self, request: vpb.InfoInput, context) -> vpb.VerifierInfo:
         return self.core.info()
