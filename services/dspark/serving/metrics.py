@@ -61,12 +61,19 @@ class RoundStats:
     verify_s: float = 0.0
 
 
-class InstrumentedProposer:
-    """Times a Proposer and counts what it drafted; everything else passes through."""
+class _Instrumented:
+    """Wraps a Proposer or a Verifier: its calls add to `round` (a RoundStats); everything else passes through."""
 
     def __init__(self, inner):
         self.inner = inner
         self.round = RoundStats()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class InstrumentedProposer(_Instrumented):
+    """Times a Proposer and counts what it drafted."""
 
     def propose(self, requests):
         t = time.perf_counter()
@@ -75,16 +82,9 @@ class InstrumentedProposer:
         self.round.drafted += sum(len(p.token_ids) for p in out)
         return out
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
-
-class InstrumentedVerifier:
-    """Times a Verifier and counts budget and accepted tokens per round; everything else passes through."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.round = RoundStats()
+class InstrumentedVerifier(_Instrumented):
+    """Times a Verifier and counts budget and accepted tokens per round."""
 
     def verify(self, items):
         t = time.perf_counter()
@@ -100,9 +100,6 @@ class InstrumentedVerifier:
             for i in range(v.accepted):
                 r.accepted_per_position[i] += 1
         return out
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def record_round(r: RoundStats, total_s: float) -> None:
