@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random-weight models for fast tests, the real default model for `slow` ones, and an asyncio
-loop in a thread for tests that host grpc.aio servers in process."""
+"""Shared fixtures: tiny random-weight models for fast tests, the real default model for `slow` ones, transformers'
+greedy decoding as the exactness reference, and an asyncio loop in a thread for tests that host grpc.aio servers in
+process."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def tiny_model(arch: str = "llama", vocab: int = 32, seed: int = 0, layers: int 
         raise ValueError(arch)
     model.config._attn_implementation = "sdpa"
     return model.eval().requires_grad_(False)
+
+
+def transformers_greedy(model, prompts: list[list[int]], n: int, **generate_kw) -> list[list[int]]:
+    """The exactness reference: transformers' own greedy decoding (generate, do_sample=False) of each prompt on its
+    own (no padding), up to n new tokens; generate_kw go to generate (min_new_tokens=n: exactly n, EOS or not)."""
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, **generate_kw)
+        outs.append(gen[0, len(ids) :].tolist())
+    return outs
 
 
 @pytest.fixture(scope="module")

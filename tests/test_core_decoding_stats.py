@@ -20,6 +20,8 @@ from dspark.core.draft_lm import DraftModelProposer
 from dspark.core.engine import QueryBlock, TargetEngine
 from dspark.core.sampling import SamplingParams, logits_to_probs
 
+from conftest import transformers_greedy
+
 V = 8
 PROMPT = [3, 5, 1]
 MAX_TOKENS = 5  # the first round drafts min(3, MAX_TOKENS - 2) = 3 tokens, so every draft position is used
@@ -161,11 +163,8 @@ PROMPTS = [[1], [3, 5, 1], [7, 0, 2, 2, 6], [4, 4], [0, 6, 6, 1, 3, 2, 5]]
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt) :].tolist()
+    (out,) = transformers_greedy(model, [prompt], n, min_new_tokens=n, pad_token_id=0)
+    return out
 
 
 @pytest.mark.parametrize("num_draft", [1, 3, 5])

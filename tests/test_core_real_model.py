@@ -13,6 +13,8 @@ from dspark.core.sampling import SamplingParams
 from dspark.drafter.eval_sets import EVAL_SETS, first_turns
 from dspark.models.prompt import encode_prompt, eos_token_ids
 
+from conftest import transformers_greedy
+
 pytestmark = pytest.mark.slow
 
 MAX_NEW = 32
@@ -32,12 +34,7 @@ def prompts(target):
 
 @pytest.fixture(scope="module")
 def hf_greedy(target, prompts):
-    outs = []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = target.model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)
-        outs.append(gen[0, len(ids) :].tolist())
-    return outs
+    return transformers_greedy(target.model, prompts, MAX_NEW)
 
 
 def test_prompts_come_from_every_eval_set(prompts):

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dspark.core.config import EngineConfig
 from dspark.core.decoding import Decoder
@@ -19,6 +18,8 @@ from dspark.drafter.eval_sets import EVAL_SETS, first_turns
 from dspark.drafter.proposer import DSparkProposer
 from dspark.models.prompt import encode_prompt, eos_token_ids
 from dspark.models.registry import DEFAULT_MODEL
+
+from conftest import transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,7 @@ def test_greedy_is_exact_under_every_policy(real_model, drafter):
     model, tok = real_model
     texts = [t for name in EVAL_SETS for t in first_turns(name, limit=2)]  # 10 prompts
     prompts = [encode_prompt(tok, t)[-400:] for t in texts]
-    hf = []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)
-        hf.append(gen[0, len(ids) :].tolist())
+    hf = transformers_greedy(model, prompts, MAX_NEW)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     cfg = EngineConfig(max_requests=4, max_context=1024, feature_layers=tuple(drafter.config.feature_layers))
     engine = TargetEngine(cfg, model=model, tokenizer=tok)
