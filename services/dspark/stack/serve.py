@@ -14,7 +14,7 @@ from pathlib import Path
 from dspark.draft.service import SERVICE_NAME as DRAFT_SERVICE
 from dspark.draft.service import DraftCore, DraftServicer
 from dspark.serving import grpc_server, metrics, telemetry
-from dspark.serving.grpc_server import ServerConfig, Service
+from dspark.serving.grpc_server import CoreServicer, ServerConfig, Service
 from dspark.v1 import draft_pb2_grpc, verifier_pb2_grpc
 from dspark.verifier.service import SERVICE_NAME as VERIFIER_SERVICE
 from dspark.verifier.service import VerifierCore, VerifierServicer
@@ -23,20 +23,19 @@ log = logging.getLogger("dspark.stack.serve")
 
 
 async def start_verifier(core: VerifierCore, config: ServerConfig | None = None) -> Service:
-    config = config or ServerConfig()
-    svc = await grpc_server.start(
-        config, [(verifier_pb2_grpc.add_VerifierServiceServicer_to_server, VerifierServicer(core))], [VERIFIER_SERVICE]
-    )
-    svc.every(max(1.0, config.session_ttl_s / 4), core.expire)
-    return svc
+    add = verifier_pb2_grpc.add_VerifierServiceServicer_to_server
+    return await _start(config, add, VerifierServicer(core), VERIFIER_SERVICE)
 
 
 async def start_draft(core: DraftCore, config: ServerConfig | None = None) -> Service:
+    return await _start(config, draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftServicer(core), DRAFT_SERVICE)
+
+
+async def _start(config: ServerConfig | None, add, servicer: CoreServicer, service_name: str) -> Service:
+    """Serve one servicer, expiring its core's idle sessions a few times per session TTL."""
     config = config or ServerConfig()
-    svc = await grpc_server.start(
-        config, [(draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftServicer(core))], [DRAFT_SERVICE]
-    )
-    svc.every(max(1.0, config.session_ttl_s / 4), core.expire)
+    svc = await grpc_server.start(config, [(add, servicer)], [service_name])
+    svc.every(max(1.0, config.session_ttl_s / 4), servicer.core.expire)
     return svc
 
 
