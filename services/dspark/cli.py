@@ -24,14 +24,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(a):
     from dspark.core.config import EngineConfig
 
-    return EngineConfig(
-        model=a.model,
-        device=a.device,
-        dtype=a.dtype,
-        max_requests=a.max_requests,
-        max_context=a.max_context,
-        threads=a.threads,
-    )
+    return EngineConfig.from_args(a)
 
 
 def cmd_generate(a) -> int:

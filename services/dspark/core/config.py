@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from dspark.models.registry import DEFAULT_MODEL
 
+# the EngineConfig fields the command line's engine flags set (EngineConfig.from_args)
+ENGINE_FLAGS = ("model", "device", "dtype", "max_requests", "max_context", "threads")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -16,6 +19,12 @@ class EngineConfig:
     max_context: int = 2048  # prompt + generated tokens per request
     feature_layers: tuple[int, ...] = ()  # hidden-state layers returned per token (0 = embeddings)
     threads: int | None = None  # torch CPU threads; None = torch's default
+
+    @classmethod
+    def from_args(cls, a) -> EngineConfig:
+        """The config the command line's engine flags (--model, --device, --dtype, --max-requests, --max-context,
+        --threads) ask for; an argparse namespace. The feature layers come from the drafter, later."""
+        return cls(**{name: getattr(a, name) for name in ENGINE_FLAGS})
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):

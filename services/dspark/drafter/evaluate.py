@@ -236,15 +236,7 @@ def run_eval(a, out=sys.stdout) -> dict:
     drafter_path = Path(a.drafter) if a.drafter else default_drafter_path(a.model)
     # fail early on a bad dataset, before loading any model
     datasets = {dataset_name(d): first_turns(d, a.limit) for d in a.datasets}
-    config = EngineConfig(
-        model=a.model,
-        device=a.device,
-        dtype=a.dtype,
-        max_requests=a.max_requests,
-        max_context=a.max_context,
-        threads=a.threads,
-    )
-    engine, drafter = load_target_with_drafter(config, drafter_path)
+    engine, drafter = load_target_with_drafter(EngineConfig.from_args(a), drafter_path)
     tokenizer = engine.tokenizer
     params = SamplingParams(temperature=a.temperature, max_tokens=a.max_tokens)
     eos = eos_token_ids(engine.model, tokenizer)

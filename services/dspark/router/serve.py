@@ -9,21 +9,11 @@ import threading
 
 
 def _args(a):
+    """RouterArgs from the `dspark serve router` flags, one flag per field (--draft '': no draft service)."""
     from dspark.router.app import RouterArgs
 
-    return RouterArgs(
-        verifier=a.verifier,
-        draft=a.draft or None,
-        model=a.model,
-        policy=a.policy,
-        num_draft=a.num_draft,
-        threshold=a.threshold,
-        max_tokens=a.max_tokens,
-        max_queue=a.max_queue,
-        verifier_recover_s=a.verifier_recover_s,
-        draft_retry_s=a.draft_retry_s,
-        api_key=a.api_key,
-    )
+    flags = {name: getattr(a, name) for name in RouterArgs.model_fields}
+    return RouterArgs(**{**flags, "draft": a.draft or None})
 
 
 def serve_router(a) -> int:
