@@ -162,19 +162,13 @@ class DraftCore:
 
 
 class DraftServicer(CoreServicer, draft_pb2_grpc.DraftServiceServicer):
+    """Draft; Release and Info are CoreServicer's."""
+
     service = "draft"
     core: DraftCore
 
     async def Draft(self, request: dpb.DraftInput, context) -> dpb.DraftOutput:
         return await self.run(context, self.core.draft_msg, request, "draft")
-
-    async def Release(self, request, context):
-        from dspark.v1 import verifier_pb2 as vpb
-
-        return vpb.ReleaseOutput(released=await self.run(context, self.core.release_msg, request, "release"))
-
-    async def Info(self, request, context) -> dpb.DraftInfo:
-        return self.core.info()
 
 
 SERVICE_NAME = dpb.DESCRIPTOR.services_by_name["DraftService"].full_name

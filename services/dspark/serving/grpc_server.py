@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind
 
 from dspark.core.engine import CapacityError, ContextLengthError, UnknownRequestError
 from dspark.serving import metrics, telemetry
+from dspark.v1 import verifier_pb2
 
 log = logging.getLogger("dspark.grpc")
 
@@ -99,8 +100,9 @@ async def call(
 
 class CoreServicer:
     """The shared part of a service's servicer: the core it adapts, the lock that lets one call at a time at the
-    model, and `run`: `call` followed by the core's gauges (core.observe()). Subclasses set `service`, and each RPC
-    is one `run` of a core method."""
+    model, `run` (`call`, then the core's gauges: core.observe()) and the RPCs every service has, Release (the same
+    ReleaseInput and ReleaseOutput everywhere) and Info. Subclasses set `service`, and each of their RPCs is one
+    `run` of a core method."""
 
     service = ""  # the service label of spans and metrics
 
@@ -112,6 +114,12 @@ class CoreServicer:
         out = await call(context, self.lock, fn, msg, self.service, method)
         self.core.observe()
         return out
+
+    async def Release(self, request: verifier_pb2.ReleaseInput, context) -> verifier_pb2.ReleaseOutput:
+        return verifier_pb2.ReleaseOutput(released=await self.run(context, self.core.release_msg, request, "release"))
+
+    async def Info(self, request, context):
+        return self.core.info()
 
 
 async def _call_locked(context, lock: asyncio.Lock, fn, *args) -> Any:

@@ -203,6 +203,8 @@ class VerifierCore:
 
 
 class VerifierServicer(CoreServicer, verifier_pb2_grpc.VerifierServiceServicer):
+    """Prefill and Verify; Release and Info are CoreServicer's."""
+
     service = "verifier"
     core: VerifierCore
 
@@ -211,12 +213,6 @@ class VerifierServicer(CoreServicer, verifier_pb2_grpc.VerifierServiceServicer):
 
     async def Verify(self, request: vpb.VerifyInput, context) -> vpb.VerifyOutput:
         return await self.run(context, self.core.verify_msg, request, "verify")
-
-    async def Release(self, request: vpb.ReleaseInput, context) -> vpb.ReleaseOutput:
-        return vpb.ReleaseOutput(released=await self.run(context, self.core.release_msg, request, "release"))
-
-    async def Info(self, request: vpb.InfoInput, context) -> vpb.VerifierInfo:
-        return self.core.info()
 
 
 SERVICE_NAME = vpb.DESCRIPTOR.services_by_name["VerifierService"].full_name
