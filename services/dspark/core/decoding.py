@@ -3,7 +3,10 @@
 Each round every running request sends its anchor token (the last token it emitted, not yet in the
 target's cache) followed by its draft block through one batched target forward; rejection sampling
 keeps a prefix of the block and emits one recovered or bonus token, which becomes the next anchor.
-With no proposer (or k = 0) the same loop is plain autoregressive decoding: the baseline.
+With no proposer (or k = 0) the same loop is plain autoregressive decoding: the baseline. When the drafter's cost
+is known (a DraftCost table), the confidence-scheduled policies first decide how much each request drafts, from
+earlier rounds and the load (planner.py); a request capped at 0 is not sent to the proposer, and a round with
+nothing to draft makes no proposer call, so it costs what plain decoding costs.
 Requests join and leave between rounds. The loop sees the drafter only as a Proposer and the target only as a
 Verifier, in this process or behind gRPC; it holds every request's token history, the state both can be rebuilt from.
 """
@@ -19,9 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dspark.core.engine import CapacityError, ContextLengthError, TargetEngine
+from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts
 from dspark.core.proposer import DraftRequest, Proposal, Proposer
 from dspark.core.sampling import SamplingParams
-from dspark.core.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, schedule
+from dspark.core.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, expected_tokens, schedule
 from dspark.core.verifier import LocalVerifier, PrefillItem, Verifier, VerifyItem
 
 
@@ -93,7 +97,10 @@ class Decoder:
         policy: str = "fixed",
         sps: SpsTable | None = None,
         threshold: float = 0.5,
+        draft_cost: DraftCost | None = None,
     ):
+        """draft_cost: the proposer's cost table (default: the proposer's own `draft_cost`, if it has one); None
+        prices rounds with the verifier alone, as the paper does, and drafts every request in full."""
         if isinstance(target, TargetEngine):
             self.engine: TargetEngine | None = target
             self.verifier: Verifier = LocalVerifier(target, sps)
@@ -103,6 +110,8 @@ class Decoder:
         self.num_draft = num_draft if proposer is not None else 0
         self.sps, self.threshold = (sps if sps is not None else self.verifier.sps), threshold
         self.policy = self._check_policy(policy)
+        self._draft_cost = draft_cost
+        self._forecast = ConfidenceForecast(max(1, self.num_draft))
         # dspark-async, per verifier replica (None: a verifier without replicas): the batch capacities computed from
         # the last two rounds' confidences (oldest first)
         self._capacities: dict[Hashable, collections.deque[int | None]] = {}
@@ -111,6 +120,12 @@ class Decoder:
         self._running: list[_Request] = []
         self._ids = itertools.count()
         self._ids_in_use: set[str] = set()
+
+    @property
+    def draft_cost(self) -> DraftCost | None:
+        if self._draft_cost is not None:
+            return self._draft_cost
+        return getattr(self.proposer, "draft_cost", None)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -177,9 +192,12 @@ class Decoder:
         batch = self._running
         if not batch:
             return finished
-        ks = [self._budget(r) for r in batch]
+        groups = self._groups(batch)
+        ks = self._plan(batch, groups, [self._budget(r) for r in batch])
         drafted = self._propose(batch, ks)
-        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, drafted))]
+        cost = self.draft_cost
+        draft_s = 0.0 if cost is None else cost(sum(k > 0 for k in ks), max(ks))
+        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, groups, drafted, draft_s))]
         outs = self.verifier.verify(
             [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
         )
@@ -189,6 +207,8 @@ class Decoder:
                 r.new_features.append(v.features)
             r.stats.drafted += len(d.token_ids)
             r.stats.record(len(p.token_ids), v.accepted)
+            if d.confidence is not None and len(d.token_ids):
+                self._forecast.observe(r.request_id, d.confidence.tolist(), len(p.token_ids), v.accepted)
             reason = self._emit(r, v.tokens)
             if reason:
                 self._free(r)
@@ -245,28 +265,73 @@ class Decoder:
         return max(0, min(k, room_tokens, room_context))
 
     def _propose(self, batch: list[_Request], ks: list[int]) -> list[Proposal]:
+        """Drafts for the requests with k > 0 only; the others keep their new target features until they draft
+        again (one batched catch-up then), and a round with nothing to draft makes no proposer call."""
         empty = Proposal.empty(self.verifier.vocab_size, self.verifier.device)
-        if self.proposer is None or not any(ks):
-            return [empty] * len(batch)
+        out = [empty] * len(batch)
+        active = [i for i, k in enumerate(ks) if k > 0]
+        if self.proposer is None or not active:
+            return out
         reqs = [
-            DraftRequest(r.request_id, r.prompt_ids + r.output, k, r.params, r.take_features())
-            for r, k in zip(batch, ks)
+            DraftRequest(r.request_id, r.prompt_ids + r.output, ks[i], r.params, r.take_features())
+            for i, r in ((i, batch[i]) for i in active)
         ]
-        return self.proposer.propose(reqs)
+        for i, p in zip(active, self.proposer.propose(reqs)):
+            out[i] = p
+        return out
 
-    def _schedule(self, batch: list[_Request], proposals: list[Proposal]) -> list[int]:
-        """Verification budget per request: how much of each proposal the target checks this round. The load is what
-        each verifier replica batches: the round's requests are grouped by the replica they are pinned to and each
-        group is priced with that replica's own SPS table (a verifier without replicas: one group, its table)."""
+    def _groups(self, batch: list[_Request]) -> dict[Hashable, list[int]]:
+        """The round's requests (indices) grouped by the verifier replica they are pinned to (None: no replicas)."""
         replica_of = getattr(self.verifier, "replica_of", None)
         groups: dict[Hashable, list[int]] = {}
         for i, r in enumerate(batch):
             groups.setdefault(None if replica_of is None else replica_of(r.request_id), []).append(i)
+        return groups
+
+    def _plan(self, batch: list[_Request], groups: dict[Hashable, list[int]], ks: list[int]) -> list[int]:
+        """How many tokens each request drafts this round, decided before drafting: the confidence-scheduled
+        policies draft what the forecast of their confidences and the drafter's cost say is worth verifying (at most
+        their budget k); the others draft k. Without a draft cost table (or a forecast yet) everyone drafts k."""
+        cost = self.draft_cost
+        if cost is None or self.proposer is None:
+            return ks
+        caps = list(ks)
+        for replica, idx in groups.items():
+            sps = self._sps_of(replica)
+            planned = [i for i in idx if batch[i].policy in NEEDS_SPS and ks[i] > 0]
+            forecasts = [self._forecast.forecast(batch[i].request_id, ks[i]) for i in planned]
+            if sps is None or not planned or any(f is None for f in forecasts):
+                continue
+            others = [i for i in idx if i not in planned]
+            base_tau = 0.0
+            for i in others:  # the static policies' drafts, expected from their own forecast (or all survive)
+                f = self._forecast.forecast(batch[i].request_id, ks[i]) or [1.0] * ks[i]
+                base_tau += expected_tokens(f, ks[i])
+            drafting = [i for i in others if ks[i] > 0]
+            group_caps = plan_drafts(
+                forecasts,
+                sps,
+                cost,
+                base_tokens=sum(1 + ks[i] for i in others),
+                base_tau=base_tau,
+                base_rows=len(drafting),
+                base_positions=max((ks[i] for i in drafting), default=0),
+            )
+            for i, c in zip(planned, group_caps):
+                caps[i] = c
+        return caps
+
+    def _schedule(
+        self, batch: list[_Request], groups: dict[Hashable, list[int]], proposals: list[Proposal], draft_s: float
+    ) -> list[int]:
+        """Verification budget per request: how much of each proposal the target checks this round. The load is what
+        each verifier replica batches: each replica's group is priced with that replica's own SPS table (a verifier
+        without replicas: one group, its table), and with what the round's drafting cost."""
         lengths = [0] * len(batch)
         for replica, idx in groups.items():
             history = self._capacities.setdefault(replica, collections.deque([None, None], maxlen=2))
             group = self._schedule_group(
-                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica), history
+                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica), history, draft_s
             )
             for i, n in zip(idx, group):
                 lengths[i] = n
@@ -278,7 +343,12 @@ class Decoder:
         return self.sps if table is None else table
 
     def _schedule_group(
-        self, batch: list[_Request], proposals: list[Proposal], sps: SpsTable | None, capacities: collections.deque
+        self,
+        batch: list[_Request],
+        proposals: list[Proposal],
+        sps: SpsTable | None,
+        capacities: collections.deque,
+        draft_s: float = 0.0,
     ) -> list[int]:
         """The budgets of the requests one verifier batches, priced with its table; `capacities`: its dspark-async
         capacities from the last two rounds it scheduled dspark-async requests in (oldest first)."""
@@ -295,8 +365,8 @@ class Decoder:
                 raise ValueError(f"the {r.policy} policy needs a proposer that reports confidences")
         capacity = capacities[0]
         if "dspark-async" in policies:  # two rounds on, this round's confidences size that round's batch
-            capacities.append(batch_capacity(conf, sps))
-        return schedule(policies, conf, sps, self.threshold, capacity)
+            capacities.append(batch_capacity(conf, sps, draft_s))
+        return schedule(policies, conf, sps, self.threshold, capacity, draft_s)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""
@@ -314,6 +384,7 @@ class Decoder:
     def _free(self, r: _Request) -> None:
         self._ids_in_use.discard(r.request_id)
         self.verifier.release(r.request_id)
+        self._forecast.release(r.request_id)
         if self.proposer is not None:
             self.proposer.release(r.request_id)
 

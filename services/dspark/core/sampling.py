@@ -6,6 +6,7 @@ change both sides of the rejection test identically (which is what keeps it loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,35 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def logits_to_probs_rows(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
+    """(B, V) logits -> (B, V) probabilities, row b under params[b] (or one params for all): rows that share
+    temperature, top-k and top-p go through `logits_to_probs` together, not one by one."""
+    if isinstance(params, SamplingParams):
+        return logits_to_probs(logits, params)
+    groups: dict[tuple, list[int]] = {}
+    for b, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(b)
+    if len(groups) == 1:
+        return logits_to_probs(logits, params[0])
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for rows in groups.values():
+        idx = torch.tensor(rows, device=logits.device)
+        out[idx] = logits_to_probs(logits[idx], params[rows[0]])
+    return out
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """(..., V) probabilities -> (...) token ids, by inversion of the CDF (exact, and far cheaper than multinomial
-    on a large vocabulary). Rows need not be normalised."""
+    on a large vocabulary). Rows need not be normalised. generator: one for all rows, or one per row (each row's
+    uniform draw from its own, exactly as sampling that row alone would)."""
     flat = probs.reshape(-1, probs.shape[-1]).double()
     cdf = flat.cumsum(-1)  # (N, V)
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    dev = probs.device
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(flat.shape[0], 1, generator=generator, device=dev, dtype=torch.float64)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, device=dev, dtype=torch.float64) for g in generator])
+    u = u * cdf[:, -1:]
     # the first token whose CDF exceeds u: zero-probability tokens never qualify
     idx = torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1)
     return idx.reshape(probs.shape[:-1])

@@ -12,6 +12,10 @@ admits the top-K fresh survival probabilities. The capacity cannot depend on the
 token's rank among the fresh candidates depends only on its own prefix and on other requests, so admission stays
 non-anticipating (the same reason Algorithm 1's early stop gives).
 
+With a drafter whose cost is not negligible (ours on a CPU, a user's big one), Theta counts the round's drafting
+time too: Theta = tau / (1 / SPS(B) + draft_s), draft_s being what the round's draft call cost (see planner.py,
+which decides before drafting how much to draft). draft_s = 0 is the paper's Theta = tau * SPS(B).
+
 A round may mix policies (per-request overrides): requests on the static policies are fixed first, Algorithm 1 then
 runs over the `dspark` requests with those tokens already in the batch, and `dspark-async` requests share what is
 left of the capacity.
@@ -58,11 +62,21 @@ def survival(confidences: Sequence[float]) -> list[float]:
     return out
 
 
+def throughput(tau: float, sps: SpsTable, tokens: int, draft_s: float = 0.0) -> float:
+    """Theta: expected tokens emitted per second by a round of `tokens` query tokens whose drafts cost draft_s."""
+    return tau / (1.0 / sps(tokens) + draft_s)
+
+
 def prefix_schedule(
-    confidences: Sequence[Sequence[float]], sps: SpsTable, base_tokens: int = 0, base_tau: float = 0.0
+    confidences: Sequence[Sequence[float]],
+    sps: SpsTable,
+    base_tokens: int = 0,
+    base_tau: float = 0.0,
+    draft_s: float = 0.0,
 ) -> list[int]:
     """Algorithm 1. confidences[r] = c_{r,1..k_r} for request r; returns the prefix length l_r to verify.
-    base_tokens / base_tau: query tokens and expected emitted tokens of other requests already in the batch."""
+    base_tokens / base_tau: query tokens and expected emitted tokens of other requests already in the batch;
+    draft_s: seconds the round's drafting cost (already paid, part of the round's time)."""
     R = len(confidences)
     if R == 0:
         return []
@@ -70,10 +84,10 @@ def prefix_schedule(
     lengths = [0] * R
     # every request verifies its anchor and gets one token (recovered or bonus) for sure
     B, tau = base_tokens + R, base_tau + R
-    best = tau * sps(B)
+    best = throughput(tau, sps, B, draft_s)
     for a, r, j in _candidates(surv):
         B, tau = B + 1, tau + a
-        theta = tau * sps(B)
+        theta = throughput(tau, sps, B, draft_s)
         if theta <= best:
             break  # early stop: admission never looks past the first non-improvement (Appendix A)
         best, lengths[r] = theta, j
@@ -85,16 +99,17 @@ def _candidates(surv: list[list[float]]) -> list[tuple[float, int, int]]:
     return sorted(((a, r, j) for r, s in enumerate(surv) for j, a in enumerate(s, 1) if a > 0), key=lambda x: -x[0])
 
 
-def batch_capacity(confidences: Sequence[Sequence[float]], sps: SpsTable) -> int:
+def batch_capacity(confidences: Sequence[Sequence[float]], sps: SpsTable, draft_s: float = 0.0) -> int:
     """dspark-async's capacity: the total query tokens B maximising Theta over every prefix of the survival-sorted
     candidates, with no early stop (an unconstrained search; safe only on confidences from an earlier round)."""
     R = len(confidences)
     B, tau = R, float(R)
-    best, best_b = tau * sps(B), B
+    best, best_b = throughput(tau, sps, B, draft_s), B
     for a, _, _ in _candidates([survival(c) for c in confidences]):
         B, tau = B + 1, tau + a
-        if tau * sps(B) > best:
-            best, best_b = tau * sps(B), B
+        theta = throughput(tau, sps, B, draft_s)
+        if theta > best:
+            best, best_b = theta, B
     return best_b
 
 
@@ -130,10 +145,12 @@ def schedule(
     sps: SpsTable | None = None,
     threshold: float = 0.5,
     capacity: int | None = None,
+    draft_s: float = 0.0,
 ) -> list[int]:
     """Prefix lengths for one round; each is between 0 and len(confidences[r]). `policy` is one name for the whole
     round or one per request. `capacity`: dspark-async's total query tokens for this round (from batch_capacity on
-    confidences two rounds old; None: no history yet, verify anchors only)."""
+    confidences two rounds old; None: no history yet, verify anchors only). draft_s: what the round's drafting
+    cost, in seconds."""
     R = len(confidences)
     policies = [policy] * R if isinstance(policy, str) else list(policy)
     if len(policies) != R:
@@ -153,7 +170,7 @@ def schedule(
     base_tokens = sum(1 + lengths[r] for r in static)
     base_tau = sum(expected_tokens(confidences[r], lengths[r]) for r in static)
     dsp = [r for r, p in enumerate(policies) if p == "dspark"]
-    for r, n in zip(dsp, prefix_schedule([confidences[r] for r in dsp], sps, base_tokens, base_tau)):
+    for r, n in zip(dsp, prefix_schedule([confidences[r] for r in dsp], sps, base_tokens, base_tau, draft_s)):
         lengths[r] = n
     asy = [r for r, p in enumerate(policies) if p == "dspark-async"]
     if asy:

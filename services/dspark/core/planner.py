@@ -1,0 +1,166 @@
+"""How much to draft before drafting: the drafter's cost table and the per-request draft caps of a round.
+
+The paper prices a round with the verifier alone (its drafter is tiny next to a 4B target on a GPU). Here a round
+costs t(B, R, K) = 1 / SPS(B) + t_draft(R, K): B query tokens verified, R rows drafted, K positions drafted (the
+backbone runs once for the R rows, the LM head, sequential head and sampling once per position). Drafting is paid
+before verification, so how much to draft is decided first, from what earlier rounds said (the dspark-async
+argument): `ConfidenceForecast` predicts each request's confidences from its own last draft (corrected by how often
+such confidences were accepted), and `plan_drafts` searches every prefix of the survival-sorted predicted candidates
+for the best expected throughput E[tokens] / t(B, R, K). A request capped at 0 is not drafted at all; a round where
+every cap is 0 makes no draft call and costs what plain decoding costs.
+
+The caps depend only on earlier rounds, never on this round's draft tokens, and Algorithm 1 then runs with its early
+stop on what was drafted, so verification stays lossless (Appendix A): a cap only shortens the candidate list.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dspark.core.scheduler import SpsTable, survival
+
+
+@dataclass(frozen=True)
+class DraftCost:
+    """Seconds of one draft call for R rows and K drafted positions, as profiled: seconds[i][k - 1] is R = rows[i]
+    and K = k (k = 1..gamma). R between measured points takes the next measured point's time (pessimistic), R past
+    the last one scales linearly. overhead_s: what a call costs besides the drafter's compute (the RPC round trip,
+    added by a remote caller). No rows or no positions: no call, 0 s."""
+
+    rows: tuple[int, ...]  # ascending R
+    seconds: tuple[tuple[float, ...], ...]  # (len(rows), gamma)
+    overhead_s: float = 0.0
+
+    def __post_init__(self):
+        if not self.rows or len(self.rows) != len(self.seconds):
+            raise ValueError("a draft cost table needs one row of times per row count")
+        if list(self.rows) != sorted(set(self.rows)) or self.rows[0] < 1:
+            raise ValueError("row counts must be ascending, distinct and >= 1")
+        if len({len(s) for s in self.seconds}) != 1 or not self.seconds[0]:
+            raise ValueError("every row count needs a time for each of the same K = 1..gamma")
+
+    @property
+    def gamma(self) -> int:
+        return len(self.seconds[0])
+
+    def __call__(self, rows: int, positions: int) -> float:
+        if rows <= 0 or positions <= 0:
+            return 0.0
+        k = min(positions, self.gamma) - 1
+        i = bisect_left(self.rows, rows)
+        if i < len(self.rows):
+            return self.overhead_s + self.seconds[i][k]
+        return self.overhead_s + self.seconds[-1][k] * rows / self.rows[-1]
+
+    def with_overhead(self, overhead_s: float) -> DraftCost:
+        return DraftCost(self.rows, self.seconds, overhead_s)
+
+    def to_dict(self) -> dict:
+        return {"rows": list(self.rows), "seconds": [list(s) for s in self.seconds], "overhead_s": self.overhead_s}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DraftCost:
+        return cls(tuple(d["rows"]), tuple(tuple(s) for s in d["seconds"]), d.get("overhead_s", 0.0))
+
+
+def round_seconds(sps: SpsTable, tokens: int, draft_cost: DraftCost | None, rows: int, positions: int) -> float:
+    """t(B, R, K): one verify step over B query tokens plus the draft call that proposed R rows x K positions."""
+    return 1.0 / sps(tokens) + (0.0 if draft_cost is None else draft_cost(rows, positions))
+
+
+def plan_drafts(
+    forecasts: Sequence[Sequence[float]],
+    sps: SpsTable,
+    draft_cost: DraftCost | None,
+    base_tokens: int = 0,
+    base_tau: float = 0.0,
+    base_rows: int = 0,
+    base_positions: int = 0,
+) -> list[int]:
+    """Draft caps for one verifier's requests: forecasts[r] = predicted confidences c_{r,1..k_r} (k_r: the most
+    request r may draft). Every prefix of the candidates sorted by predicted survival is priced with
+    E[tokens] / t(B, R, K) and the best is kept (an unconstrained search, like dspark-async's capacity: it reads no
+    fresh draft, so it needs no early stop). base_*: what other requests of the round already add (query tokens,
+    expected tokens, rows and positions drafted for them)."""
+    R = len(forecasts)
+    if R == 0:
+        return []
+    cands = sorted(
+        ((a, r, j) for r, c in enumerate(forecasts) for j, a in enumerate(survival(c), 1) if a > 0),
+        key=lambda x: -x[0],
+    )
+    B, tau = base_tokens + R, base_tau + R
+    rows, positions = set(), base_positions
+    best, best_n = tau / round_seconds(sps, B, draft_cost, base_rows, base_positions), 0
+    for n, (a, r, j) in enumerate(cands, 1):
+        B, tau = B + 1, tau + a
+        rows.add(r)
+        positions = max(positions, j)
+        theta = tau / round_seconds(sps, B, draft_cost, base_rows + len(rows), positions)
+        if theta > best:
+            best, best_n = theta, n
+    caps = [0] * R
+    for _, r, j in cands[:best_n]:
+        caps[r] = max(caps[r], j)
+    return caps
+
+
+@dataclass
+class ConfidenceForecast:
+    """Predicted confidences of a request's next draft, from earlier rounds only.
+
+    A request's forecast is the confidences of its own last draft (each position's, the last one repeated beyond
+    what was drafted), times that position's calibration ratio: accepted / predicted over every verified draft
+    token that could have been accepted (its predecessors were). A request that never drafted gets the running
+    mean of all drafts' confidences. With nothing observed yet there is no forecast (None): the caller drafts in
+    full, which is how the first observations arrive."""
+
+    gamma: int
+    prior: float = 2.0  # pseudo-counts pulling the calibration ratio towards 1 while few tokens were verified
+    _last: dict[str, list[float]] = field(default_factory=dict)
+    _predicted: list[float] = field(init=False)
+    _accepted: list[float] = field(init=False)
+    _conf_sum: list[float] = field(init=False)
+    _conf_n: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self._predicted = [0.0] * self.gamma
+        self._accepted = [0.0] * self.gamma
+        self._conf_sum = [0.0] * self.gamma
+        self._conf_n = [0] * self.gamma
+
+    def ratio(self, j: int) -> float:
+        """Calibration ratio at position j (0-based): accepted / predicted, shrunk towards 1 (1 where nothing was
+        reached yet)."""
+        if self._predicted[j] + self.prior <= 0:
+            return 1.0
+        return (self._accepted[j] + self.prior) / (self._predicted[j] + self.prior)
+
+    def forecast(self, request_id: str, k: int) -> list[float] | None:
+        conf = self._last.get(request_id)
+        if conf is None:
+            if not self._conf_n[0]:
+                return None
+            conf = []
+            for s, n in zip(self._conf_sum, self._conf_n):
+                conf.append(s / n if n else conf[-1])  # a position never drafted: its predecessor's mean
+        conf = (conf + [conf[-1]] * self.gamma)[: min(k, self.gamma)]
+        return [min(0.99, max(0.0, c * self.ratio(j))) for j, c in enumerate(conf)]
+
+    def observe(self, request_id: str, confidence: Sequence[float], verified: int, accepted: int) -> None:
+        """A drafted block's confidences, how many of its tokens were verified and how many were accepted."""
+        confidence = [float(c) for c in confidence]
+        if not confidence:
+            return
+        self._last[request_id] = confidence
+        for j, c in enumerate(confidence[: self.gamma]):
+            self._conf_sum[j] += c
+            self._conf_n[j] += 1
+        for j in range(min(verified, accepted + 1, self.gamma)):  # reached: every predecessor was accepted
+            self._predicted[j] += confidence[j]
+            self._accepted[j] += 1.0 if j < accepted else 0.0
+
+    def release(self, request_id: str) -> None:
+        self._last.pop(request_id, None)

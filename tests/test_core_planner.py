@@ -1,0 +1,213 @@
+"""Deciding how much to draft before drafting (core/planner.py) and the decode loop that uses it: the drafter's cost
+table, the caps, the confidence forecast, the round that makes no draft call, and exactness with planning on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_core_decoding_stats import P_MIN, _chi2_pvalue, _exact_joint, _marginal, _tiny_llama
+
+from dspark.core.config import EngineConfig
+from dspark.core.decoding import Decoder
+from dspark.core.engine import TargetEngine
+from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts, round_seconds
+from dspark.core.sampling import SamplingParams
+from dspark.core.scheduler import SpsTable, prefix_schedule, schedule
+from dspark.drafter.model import DSparkDrafter
+from dspark.drafter.proposer import DSparkProposer
+
+LAYERS = (0, 1, 2)
+FLAT = SpsTable((1, 256), (100.0, 100.0))  # a GPU-like verifier: B query tokens cost what one costs
+KNEE = SpsTable(tuple(range(1, 257)), tuple(100.0 * min(1.0, 24 / b) for b in range(1, 257)))
+
+
+def cost(backbone_s: float, per_position_s: float, gamma: int = 4, rows=(1, 2, 4, 8, 16)) -> DraftCost:
+    """A table that grows with rows: each row adds 10% of the one-row time."""
+    return DraftCost(
+        rows,
+        tuple(
+            tuple((backbone_s + k * per_position_s) * (1 + 0.1 * (r - 1)) for k in range(1, gamma + 1)) for r in rows
+        ),
+    )
+
+
+# -- the cost table -----------------------------------------------------------------------------------------------
+
+
+def test_draft_cost_lookup():
+    c = DraftCost((1, 4), ((0.010, 0.012), (0.020, 0.030)), overhead_s=0.001)
+    assert c(0, 2) == 0 and c(3, 0) == 0  # no rows or no positions: no call at all
+    assert c(1, 1) == pytest.approx(0.011)
+    assert c(2, 2) == pytest.approx(0.031)  # between measured R: the next measured point (pessimistic)
+    assert c(8, 1) == pytest.approx(0.001 + 0.040)  # past the last R: linear
+    assert c(1, 9) == pytest.approx(0.013)  # past gamma: the deepest measured K
+    assert DraftCost.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="ascending"):
+        DraftCost((4, 1), ((1.0,), (1.0,)))
+    with pytest.raises(ValueError, match="same K"):
+        DraftCost((1, 2), ((1.0,), (1.0, 2.0)))
+
+
+# -- the caps -------------------------------------------------------------------------------------------------------
+
+
+def test_no_drafting_where_it_cannot_pay():
+    # a drafter as slow as the verifier and confidences of 0.3: an autoregressive round is faster
+    caps = plan_drafts([[0.3] * 4] * 3, FLAT, cost(0.010, 0.002))
+    assert caps == [0, 0, 0]
+
+
+def test_cheap_drafting_of_good_tokens_drafts_everything():
+    caps = plan_drafts([[0.9] * 4] * 3, FLAT, cost(1e-5, 1e-6))
+    assert caps == [4, 4, 4]
+
+
+def test_load_prunes_the_caps():
+    light = plan_drafts([[0.8, 0.6, 0.5, 0.4]], KNEE, cost(0.0005, 0.0002))
+    heavy = plan_drafts([[0.8, 0.6, 0.5, 0.4]] * 16, KNEE, cost(0.0005, 0.0002))
+    assert light == [4]
+    assert max(heavy) < 4 and sum(heavy) < 16 * 4
+
+
+def test_caps_never_exceed_the_forecast():
+    f = [[0.9, 0.9], [0.9], []]
+    caps = plan_drafts(f, FLAT, cost(1e-5, 1e-6))
+    assert all(c <= len(x) for c, x in zip(caps, f))
+    assert caps[2] == 0
+
+
+def test_round_seconds_adds_the_draft_call():
+    c = cost(0.010, 0.002)
+    assert round_seconds(FLAT, 5, c, 0, 0) == pytest.approx(0.01)
+    assert round_seconds(FLAT, 5, c, 1, 2) == pytest.approx(0.01 + 0.014)
+
+
+# -- Algorithm 1 with the drafting time, and the cap that is not binding ----------------------------------------------
+
+confidences = st.lists(st.lists(st.floats(0.01, 0.99), min_size=0, max_size=6), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conf=confidences, draft_ms=st.floats(0.0, 30.0), knee=st.integers(1, 40), slack=st.integers(0, 3))
+def test_a_cap_that_is_not_binding_changes_nothing(conf, draft_ms, knee, slack):
+    """Algorithm 1 over blocks drafted only up to caps gives the same prefix lengths as over the full blocks
+    whenever each cap reaches one past the full run's length (the candidate that stopped it is still there)."""
+    sps = SpsTable(tuple(range(1, 129)), tuple(50.0 * min(1.0, knee / b) for b in range(1, 129)))
+    full = prefix_schedule(conf, sps, draft_s=draft_ms / 1000)
+    caps = [min(len(c), n + 1 + slack) for c, n in zip(conf, full)]
+    capped = prefix_schedule([c[:k] for c, k in zip(conf, caps)], sps, draft_s=draft_ms / 1000)
+    assert capped == full
+
+
+@settings(max_examples=200, deadline=None)
+@given(conf=confidences, draft_ms=st.floats(0.0, 30.0))
+def test_a_sunk_drafting_cost_only_lengthens_the_verified_prefix(conf, draft_ms):
+    """A sunk drafting cost only lengthens what Algorithm 1 verifies (each token's share of the round's fixed
+    cost shrinks); with draft_s = 0 it is the paper's Theta = tau * SPS(B)."""
+    with_cost = prefix_schedule(conf, KNEE, draft_s=draft_ms / 1000)
+    without = prefix_schedule(conf, KNEE)
+    assert sum(with_cost) >= sum(without)
+    assert schedule("dspark", conf, KNEE) == without
+
+
+# -- the forecast -----------------------------------------------------------------------------------------------------
+
+
+def test_forecast_from_earlier_rounds():
+    f = ConfidenceForecast(gamma=4, prior=0.0)
+    assert f.forecast("a", 4) is None  # nothing observed: draft in full
+    f.observe("a", [0.8, 0.5], verified=2, accepted=1)  # position 1 accepted, position 2 rejected
+    assert f.ratio(0) == pytest.approx(1 / 0.8) and f.ratio(1) == 0.0
+    # clipped at 0.99; past what was drafted the last confidence repeats, uncorrected where nothing was reached
+    assert f.forecast("a", 4) == pytest.approx([0.99, 0.0, 0.5, 0.5])
+    assert f.forecast("b", 2) == pytest.approx([0.99, 0.0])  # a new request: the mean of all drafts
+    f.release("a")
+    assert f.forecast("a", 1) == pytest.approx([0.99])
+
+
+def test_forecast_counts_only_reached_positions():
+    f = ConfidenceForecast(gamma=4, prior=0.0)
+    f.observe("a", [0.5, 0.5, 0.5], verified=3, accepted=0)  # position 1 rejected: 2 and 3 were never reached
+    assert f._predicted == [0.5, 0.0, 0.0, 0.0]
+    f.observe("a", [0.5, 0.5, 0.5], verified=0, accepted=0)  # drafted, nothing verified: confidences only
+    assert f._predicted == [0.5, 0.0, 0.0, 0.0] and f._conf_n == [2, 2, 2, 0]
+
+
+# -- the decode loop with planning on -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target_model():
+    return _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
+
+
+class CountingProposer(DSparkProposer):
+    def __init__(self, drafter):
+        super().__init__(drafter)
+        self.calls, self.rows = 0, 0
+
+    def propose(self, requests):
+        self.calls += 1
+        self.rows += len(requests)
+        assert all(r.num_draft > 0 for r in requests), "a request capped at 0 is never sent"
+        return super().propose(requests)
+
+
+def decoder(model, policy, draft_cost, max_requests=16, sps=KNEE):
+    engine = TargetEngine(EngineConfig(max_requests=max_requests, max_context=24, feature_layers=LAYERS), model=model)
+    torch.manual_seed(1)
+    drafter = DSparkDrafter.from_target_model(model, feature_layers=LAYERS, n_layer=1, gamma=4, markov_rank=8)
+    drafter.conf_temperature.fill_(0.3)  # spread the untrained confidences so budgets vary
+    proposer = CountingProposer(drafter)
+    proposer.draft_cost = draft_cost
+    return Decoder(engine, proposer, num_draft=4, policy=policy, sps=sps)
+
+
+PROMPTS = [[3, 4, 5], [6], [7, 1, 2, 3], [4, 4]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def plain(model, prompts, sp):
+    return Decoder(TargetEngine(EngineConfig(max_requests=4, max_context=24), model=model)).generate(prompts, sp)
+
+
+def test_a_round_with_nothing_worth_drafting_makes_no_draft_call(target_model):
+    dec = decoder(target_model, "dspark", cost(10.0, 1.0), max_requests=4, sps=FLAT)  # drafting takes seconds
+    out = dec.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain(target_model, PROMPTS, GREEDY)]
+    # the first round drafts (nothing observed yet); afterwards every round is an autoregressive one
+    assert dec.proposer.calls == 1
+    assert sum(c.stats.rounds for c in out) > 4 * 5
+
+
+@pytest.mark.parametrize("policy", ["dspark", "dspark-async"])
+def test_planned_drafting_is_greedy_exact_and_catches_up_the_context(target_model, policy):
+    """Cheap drafting: requests draft some rounds and skip others; a request that skipped rounds sends all the
+    target features it missed in one batch (the proposer checks they cover its whole history)."""
+    dec = decoder(target_model, policy, cost(0.002, 0.0005), max_requests=4)
+    out = dec.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain(target_model, PROMPTS, GREEDY)]
+    drafted = sum(c.stats.drafted for c in out)
+    rounds = sum(c.stats.rounds for c in out)
+    assert 0 < drafted < 4 * rounds  # planning drafted less than whole blocks every round
+    assert dec.proposer.rows < rounds  # some request-rounds were not sent to the proposer at all
+
+
+@pytest.mark.parametrize("policy", ["dspark", "dspark-async"])
+def test_planned_drafting_keeps_the_target_distribution(target_model, policy):
+    n, max_tokens = 3000, 4
+    dec = decoder(target_model, policy, cost(0.002, 0.0005))
+    params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=i) for i in range(n)]
+    prompt = [3, 4, 5]
+    done = dec.generate([prompt] * n, params)
+    drafted = sum(c.stats.drafted for c in done)
+    scheduled = sum(c.stats.scheduled for c in done)
+    rounds = sum(c.stats.rounds for c in done)
+    assert 0 < scheduled <= drafted < 4 * rounds
+    joint = _exact_joint(target_model, prompt, max_tokens, SamplingParams(temperature=1.0))
+    outputs = [tuple(c.token_ids) for c in done]
+    for keep in [(0, 1), (1, 2), (2, 3)]:
+        pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
+        assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
