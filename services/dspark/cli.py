@@ -223,6 +223,62 @@ def cmd_profile(a) -> int:
     path = Path(a.out) if a.out else sps_profile.default_path(key)
     sps_profile.save(path, key, rows, a.context, "quick" if a.quick else "full")
     print(f"wrote {path} and {path.with_suffix('.png')}")
+    if a.no_drafter:
+        return 0
+    from dspark.drafter import cost_profile
+    from dspark.drafter.checkpoint import default_drafter_path, load_trained_drafter
+    from dspark.drafter.proposer import DSparkProposer
+
+    drafter_path = Path(a.drafter) if a.drafter else default_drafter_path(config.model)
+    drafter = load_trained_drafter(drafter_path, engine.model, engine.tokenizer)
+    proposer = DSparkProposer(drafter, max_support=a.max_support or None)
+    dkey = cost_profile.DraftCostKey.of(proposer, drafter_path.name)
+    draft_rows = cost_profile.quick_rows(a.max_rows) if a.quick else cost_profile.full_rows(a.max_rows)
+    print(f"dspark profile: drafter {dkey}, R up to {a.max_rows}, K = 1..{proposer.gamma}", flush=True)
+    drows = cost_profile.measure(proposer, draft_rows, a.context, a.repeats, log=lambda m: print(m, flush=True))
+    dpath = cost_profile.default_path(dkey) if not a.out else path.with_name(path.stem + "-draft.json")
+    cost_profile.save(dpath, dkey, drows, a.context, "quick" if a.quick else "full", a.max_support)
+    print(f"wrote {dpath} and {dpath.with_suffix('.png')}")
+    return 0
+
+
+def cmd_draft_vocab(a) -> int:
+    import shutil
+    from pathlib import Path
+
+    from dspark.drafter.checkpoint import METADATA, default_drafter_path, load_trained_drafter, save_trained_drafter
+    from dspark.drafter.vocab import frequent_tokens, token_counts, with_draft_vocab
+    from dspark.models.model_store import load_model
+    from dspark.models.prompt import eos_token_ids
+
+    src = Path(a.drafter) if a.drafter else default_drafter_path(a.model)
+    model, tokenizer = load_model(a.model)
+    drafter = load_trained_drafter(src, model, tokenizer)
+    counts = token_counts(a.data)
+    ids = frequent_tokens(counts, a.size, always=eos_token_ids(model, tokenizer))
+    covered = sum(counts[t] for t in ids) / max(1, sum(counts.values()))
+    meta = json.loads((src / METADATA).read_text()) if (src / METADATA).exists() else {}
+    extra = {k: v for k, v in meta.items() if k not in ("format_version", "drafter_config", "target")}
+    extra["draft_vocab"] = {
+        "size": len(ids),
+        "data": [Path(p).name for p in a.data],
+        "response_tokens_covered": covered,
+    }
+    out = Path(a.out)
+    dtype = str(next(iter(drafter.drafter_state_dict().values())).dtype).removeprefix("torch.")
+    dtype = meta.get("train_config", {}).get("weights_dtype", dtype)
+    save_trained_drafter(
+        with_draft_vocab(drafter, ids),
+        out,
+        meta["target"]["model"],
+        meta["target"]["fingerprint"],
+        extra=extra,
+        dtype=dtype,
+    )
+    for f in src.iterdir():  # the model card and plots travel with the weights
+        if f.suffix in (".md", ".png") and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    print(f"wrote {out}: {len(ids)} draft tokens covering {100 * covered:.2f}% of the response tokens in the data")
     return 0
 
 
@@ -359,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--context", type=int, default=128, help="cached tokens per request")
     pr.add_argument("--repeats", type=int, default=3, help="timed forwards per B (the median is kept)")
     pr.add_argument("--out", default=None, help="JSON path (default: $DSPARK_HOME/profiles/, where serving looks)")
+    pr.add_argument("--drafter", default=None, help="drafter to profile (default: the shipped one for --model)")
+    pr.add_argument("--no-drafter", action="store_true", help="profile the verifier only")
+    pr.add_argument("--max-rows", type=int, default=32, help="largest number of requests one draft call drafts")
+    pr.add_argument("--max-support", type=int, default=64, help="the draft service's support cap (0: none)")
     pr.set_defaults(fn=cmd_profile)
 
     bp = sub.add_parser("bench-policies", help="every verification policy over a concurrency sweep (JSON + PNGs)")
@@ -422,6 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(fn=cmd_train)
+
+    dv = sub.add_parser("draft-vocab", help="restrict a trained drafter to the N most frequent response tokens")
+    dv.add_argument("--model", default=DEFAULT_MODEL, help="the target (registry name, HF folder or .gguf)")
+    dv.add_argument("--drafter", default=None, help="`dspark train` output folder (default: shipped one for --model)")
+    dv.add_argument("--data", nargs="+", required=True, help="`dspark data` JSONL files (.gz too) to count tokens in")
+    dv.add_argument("--size", type=int, required=True, help="N, tokens in the draft vocabulary (EOS always kept)")
+    dv.add_argument("--out", required=True, help="folder for the restricted drafter")
+    dv.set_defaults(fn=cmd_draft_vocab)
 
     e = sub.add_parser("eval", help="speculative decoding with a DSpark drafter on eval sets: tau, acceptance, ECE/AUC")
     _engine_args(e)

@@ -44,18 +44,29 @@ def build_dspark_decoder(
     threshold: float = 0.5,
     gamma: int | None = None,
     log=print,
+    draft_cost: bool = True,
+    draft_cost_path: str | Path | None = None,
 ) -> Decoder:
     """DSpark: the target engine with a trained DSpark drafter (default: the one shipped for config.model), its
-    feature layers switched on, and the engine's SPS table (loaded, or quickly profiled when none matches)."""
+    feature layers switched on, the engine's SPS table and the drafter's cost table t_draft(R, K) (each loaded, or
+    quickly profiled when none matches). draft_cost=False prices rounds with the verifier alone (the paper's
+    Theta) and drafts every request in full."""
     from dspark.core import sps_profile
+    from dspark.drafter import cost_profile
     from dspark.drafter.proposer import DSparkProposer
 
     if policy not in POLICIES:  # before loading anything
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    engine, d = load_target_with_drafter(config, Path(drafter) if drafter else default_drafter_path(config.model))
+    drafter_path = Path(drafter) if drafter else default_drafter_path(config.model)
+    engine, d = load_target_with_drafter(config, drafter_path)
     sps = sps_profile.load_or_profile(engine, sps_profile_path, log=log)
     k = d.config.gamma if gamma is None else gamma
     if not 1 <= k <= d.config.gamma:
         raise ValueError(f"gamma must be in 1..{d.config.gamma} (the drafter's block size)")
     eos = eos_token_ids(engine.model, engine.tokenizer)
-    return Decoder(engine, DSparkProposer(d), k, eos, policy=policy, sps=sps, threshold=threshold)
+    proposer = DSparkProposer(d)
+    if draft_cost:
+        proposer.draft_cost = cost_profile.load_or_profile(
+            proposer, drafter_path.name, config.max_requests, draft_cost_path, log=log
+        )
+    return Decoder(engine, proposer, k, eos, policy=policy, sps=sps, threshold=threshold)

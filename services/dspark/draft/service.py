@@ -126,12 +126,14 @@ class DraftCore:
 
     def info(self) -> dpb.DraftInfo:
         c = self.proposer.drafter.config
+        cost = self.proposer.draft_cost
         return dpb.DraftInfo(
             vocab_size=c.vocab_size,
             gamma=c.gamma,
             max_support=self.proposer.max_support or 0,
             feature_layers=list(c.feature_layers),
             active_sessions=self.sessions,
+            cost=None if cost is None else wire.draft_cost_to_proto(cost),
         )
 
     # -- messages <-> core ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dspark.core.proposer import Proposal, truncated
-from dspark.core.sampling import SamplingParams, logits_to_probs, sample
+from dspark.core.sampling import SamplingParams, logits_to_probs_rows, sample
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
 
@@ -65,6 +65,9 @@ class DrafterConfig:
     sequential_head: str = "markov"  # "markov" (eq. 5), "rnn" (eq. 6) or "none" (pure parallel, DFlash ablation)
     markov_rank: int = 256  # r: rank of the Markov transition W1·W2, and the RNN state width (paper: 256)
     mask_token_id: int | None = None  # None: one learned mask embedding; an id: that token's frozen target embedding
+    # N: drafting's LM head and Markov W2 cover only N tokens (the draft vocabulary, e.g. the target's most frequent
+    # response tokens; FR-Spec / EAGLE-3); the draft distribution is 0 off it, verification still runs over all V
+    draft_vocab_size: int = 0  # 0: the whole vocabulary
 
     def __post_init__(self):
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
@@ -78,6 +81,8 @@ class DrafterConfig:
             raise ValueError("num_heads must be a multiple of num_kv_heads and head_dim even")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} outside the vocabulary")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 0..{self.vocab_size} (0: the whole vocabulary)")
 
     @property
     def feature_size(self) -> int:  # F = m*d, the width of the concatenated target features
@@ -238,7 +243,8 @@ class MarkovHead(nn.Module):
         self.W2 = nn.Linear(c.markov_rank, c.vocab_size, bias=False)  # logit projection
 
     def step(self, prev, h, state):
-        return self.W2(self.W1(prev)), state  # (..., V); memoryless, no state
+        """The rank-r vector W2 projects to the bias (..., r), and the carried state (none: memoryless)."""
+        return self.W1(prev), state
 
 
 class RNNHead(nn.Module):
@@ -258,7 +264,7 @@ class RNNHead(nn.Module):
             state = torch.zeros_like(e)  # s_0 = 0
         g, cand, out = self.gco(torch.cat([state, e, h.to(e.dtype)], dim=-1)).chunk(3, dim=-1)
         g = torch.sigmoid(g)
-        return self.W2(torch.tanh(out)), g * state + (1 - g) * torch.tanh(cand)
+        return torch.tanh(out), g * state + (1 - g) * torch.tanh(cand)  # W2 projects the first to the bias
 
 
 # -- the drafter ------------------------------------------------------------------------------------------------
@@ -285,6 +291,9 @@ class DSparkDrafter(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Sequential Temperature Scaling (§3.2.1): per-position temperatures of the confidence logits, fit post hoc
         self.register_buffer("conf_temperature", torch.ones(c.gamma))
+        # the draft vocabulary (token ids, ascending), saved with the drafter; None: the whole vocabulary
+        self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size) if c.draft_vocab_size else None)
+        self._draft_rows: tuple | None = None  # (key, LM head rows, W2 rows) of the draft vocabulary, cached
         self.apply(self._init_weights)
         if self.seq is not None:
             nn.init.normal_(self.seq.W1.weight, std=1.0)  # the scale of the RMS-normed h it is concatenated with
@@ -328,7 +337,21 @@ class DSparkDrafter(nn.Module):
         return {k: v for k, v in self.state_dict().items() if v.data_ptr() not in shared}
 
     def load_drafter_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        self._draft_rows = None
         return self.load_state_dict(state_dict, strict=strict)
+
+    def set_draft_vocab(self, token_ids: Sequence[int]) -> None:
+        """Restrict drafting to these tokens (the config must have been built with draft_vocab_size = their
+        number); the LM head and Markov W2 rows are gathered once, on first use."""
+        ids = torch.as_tensor(sorted(set(int(t) for t in token_ids)), dtype=torch.long, device=self.inv_freq.device)
+        if self.draft_vocab is None or len(ids) != len(self.draft_vocab):
+            raise ValueError(
+                f"the drafter was configured for {self.config.draft_vocab_size} draft tokens, got {len(ids)}"
+            )
+        if bool((ids < 0).any() | (ids >= self.config.vocab_size).any()):
+            raise ValueError("draft vocabulary ids outside the vocabulary")
+        self.draft_vocab.copy_(ids)
+        self._draft_rows = None
 
     # -- pieces -----------------------------------------------------------------------------------------------
 
@@ -351,20 +374,36 @@ class DSparkDrafter(nn.Module):
             mask = self.embed_tokens(mask_id).to(self._dtype)
         return torch.cat([anchor, mask.expand(*anchor_ids.shape, G - 1, d)], dim=-2)
 
-    def _logits(self, h):
-        head = self.lm_head
-        return head(h.to(head.weight.dtype)).float()  # (..., V)
+    def _logits(self, h, weight: torch.Tensor | None = None):
+        """(..., C) -> (..., V) through the LM head, or (..., N) through `weight`'s rows (the draft vocabulary). The
+        rows go in as one contiguous 2-D matrix: a strided 3-D input (a slice of the block) makes torch fall back to
+        a batched matmul that is 3-5x slower on CPU."""
+        w = self.lm_head.weight if weight is None else weight
+        flat = h.reshape(-1, h.shape[-1]).to(w.dtype).contiguous()  # (rows, C)
+        return F.linear(flat, w).float().view(*h.shape[:-1], w.shape[0])  # (..., V or N)
+
+    def _draft_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The LM head's and Markov W2's rows of the draft vocabulary (None, None: the whole vocabulary)."""
+        if self.draft_vocab is None:
+            return None, None
+        head = self.lm_head.weight
+        key = (self.draft_vocab.device, head.data_ptr(), head.dtype)
+        if self._draft_rows is None or self._draft_rows[0] != key:
+            w2 = None if self.seq is None else self.seq.W2.weight[self.draft_vocab].contiguous()
+            self._draft_rows = (key, head[self.draft_vocab].contiguous(), w2)
+        return self._draft_rows[1], self._draft_rows[2]
 
     def _confidence_logits(self, h, prev):
         x = h if self.seq is None else torch.cat([h, self.seq.W1(prev).to(h.dtype)], dim=-1)
         return self.confidence(x).squeeze(-1).float()
 
-    def _sequential_step(self, base, h, prev, state):
-        """One position of eq. 4's numerator: U_k + B_k(prev, ·), with the head's carried state."""
+    def _sequential_step(self, base, h, prev, state, w2: torch.Tensor | None = None):
+        """One position of eq. 4's numerator: U_k + B_k(prev, ·), with the head's carried state; w2: the rows of W2
+        that `base` covers (None: all of it)."""
         if self.seq is None:
             return base, state
-        bias, state = self.seq.step(prev, h, state)
-        return base + bias.float(), state
+        z, state = self.seq.step(prev, h, state)
+        return base + F.linear(z, self.seq.W2.weight if w2 is None else w2).float(), state
 
     def encode_context(self, features: torch.Tensor, start: int | torch.Tensor = 0) -> ContextKV:
         """(B, L, F) target features of L consecutive tokens at absolute positions start.. -> their context K/V."""
@@ -447,7 +486,9 @@ class DSparkDrafter(nn.Module):
         sees_ctx = (torch.arange(L, device=dev) < ctx_lens[:, None])[:, None].expand(B, G, L)  # (B, G, L)
         mask = torch.cat([sees_ctx, torch.ones(B, G, G, dtype=torch.bool, device=dev)], dim=-1)
         h = self.backbone(context, self._block_inputs(anchor_ids), pos, mask)[:, :K]  # (B, K, C)
-        base = self._logits(h)  # (B, K, V)
+        vocab = self.draft_vocab  # (N,) token ids, or None: all V
+        head_w, w2 = self._draft_weights()
+        base = self._logits(h, head_w)  # (B, K, N or V)
         rows = params if isinstance(params, SamplingParams) else SamplingParams() if params is None else list(params)
         rows = (
             truncated(rows, max_support)
@@ -455,22 +496,19 @@ class DSparkDrafter(nn.Module):
             else [truncated(p, max_support) for p in rows]
         )
         gens = generator if generator is None or isinstance(generator, torch.Generator) else list(generator)
+        V = self.config.vocab_size
         tokens, probs, conf = [], [], []
         prev, state = anchor_ids, None
         for k in range(K):
-            logits, state = self._sequential_step(base[:, k], h[:, k], prev, state)  # (B, V)
+            logits, state = self._sequential_step(base[:, k], h[:, k], prev, state, w2)  # (B, N or V)
             conf.append(torch.sigmoid(self._confidence_logits(h[:, k], prev) / self.conf_temperature[k]))
-            if isinstance(rows, SamplingParams):
-                q = logits_to_probs(logits, rows)  # (B, V)
-            else:
-                q = torch.stack([logits_to_probs(logits[b], rows[b]) for b in range(B)])
-            if gens is None or isinstance(gens, torch.Generator):
-                prev = sample(q, gens)  # (B,)
-            else:
-                prev = torch.cat([sample(q[b : b + 1], gens[b]) for b in range(B)])
+            q = logits_to_probs_rows(logits, rows)  # (B, N or V)
+            prev = sample(q, gens)  # (B,) indices into the draft vocabulary (or token ids)
+            if vocab is not None:
+                prev = vocab[prev]  # token ids
+                q = torch.zeros(B, V, device=dev).index_copy_(1, vocab, q)  # (B, V): 0 off the draft vocabulary
             tokens.append(prev)
             probs.append(q)
-        V = self.config.vocab_size
         if K == 0:
             empty = torch.zeros(B, 0, device=dev)
             return Draft(empty.long(), torch.zeros(B, 0, V, device=dev), empty)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest, Proposal
 from dspark.core.sampling import DRAFT_STREAM, RandomStreams
 from dspark.drafter.model import ContextKV, DSparkDrafter
@@ -17,6 +18,7 @@ class DSparkProposer:
         own top-k/top-p), so its distribution is sparse and cheap to send to a remote verifier; None = no cap."""
         self.drafter = drafter.eval()
         self.max_support = max_support
+        self.draft_cost: DraftCost | None = None  # t_draft(R, K), when profiled (drafter/cost_profile.py)
         self.device = next(drafter.parameters()).device
         self._ctx: dict[str, ContextKV] = {}  # context K/V of every token before the request's anchor
         self._rng = RandomStreams(DRAFT_STREAM, self.device)  # draft tokens from position p on: keyed by p

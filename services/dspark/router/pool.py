@@ -183,6 +183,12 @@ class ProposerPool:
         infos = [r.info(timeout_s) for r in self.replicas]
         return next((i for i in infos if i is not None), None)
 
+    @property
+    def draft_cost(self):
+        """The dearest replica's table: a round's drafts run on the replicas in parallel, the slowest one sets it."""
+        tables = [r.draft_cost for r in self.replicas if r.draft_cost is not None]
+        return max(tables, key=lambda t: t(1, t.gamma), default=None)
+
     def _up(self, r: RemoteProposer) -> bool:
         return time.monotonic() >= r._down_until
 

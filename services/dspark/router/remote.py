@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from dspark.core.engine import CapacityError, ContextLengthError
+from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest, Proposal
 from dspark.core.scheduler import SpsTable
 from dspark.core.verifier import Prefilled, PrefillItem, Verified, VerifyItem
@@ -224,6 +225,7 @@ class RemoteProposer:
         self.channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
         self.gamma: int | None = None
+        self.draft_cost: DraftCost | None = None  # the service's t_draft(R, K) plus this caller's round trip
         self._sent: dict[str, int] = {}  # tokens the draft service holds per session; absent = (re)open it
         self._releasing: list[grpc.Future] = []
         self._down_until = 0.0
@@ -239,7 +241,21 @@ class RemoteProposer:
         self.gamma = info.gamma
         if info.vocab_size != self.vocab_size:
             raise ValueError(f"the drafter's vocabulary ({info.vocab_size}) is not the target's ({self.vocab_size})")
+        cost = wire.draft_cost_from_proto(info.cost)
+        self.draft_cost = None if cost is None else cost.with_overhead(self._round_trip_s(timeout_s))
         return info
+
+    def _round_trip_s(self, timeout_s: float, calls: int = 5) -> float:
+        """What a call costs besides the service's compute: the median of a few Info round trips."""
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            try:
+                self.stub.Info(vpb.InfoInput(), timeout=timeout_s)
+            except grpc.RpcError:
+                break
+            times.append(time.perf_counter() - t)
+        return sorted(times)[len(times) // 2] if times else 0.0
 
     def release(self, request_id: str) -> None:
         if self._sent.pop(request_id, None) is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dspark.core.planner import DraftCost
 from dspark.core.sampling import SamplingParams
+from dspark.v1 import draft_pb2 as dpb
 from dspark.v1 import verifier_pb2 as vpb
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -113,3 +115,19 @@ def params_from_proto(m: vpb.SamplingParams, **extra) -> SamplingParams:
         seed=m.seed if m.HasField("seed") else None,
         **extra,
     )
+
+
+def draft_cost_to_proto(cost: DraftCost) -> dpb.DraftCostTable:
+    return dpb.DraftCostTable(
+        rows=list(cost.rows), positions=cost.gamma, seconds=[s for row in cost.seconds for s in row]
+    )
+
+
+def draft_cost_from_proto(m: dpb.DraftCostTable) -> DraftCost | None:
+    """None for an absent table (a draft service that has not profiled its drafter)."""
+    if not m.rows:
+        return None
+    k = m.positions
+    if k < 1 or len(m.seconds) != k * len(m.rows):
+        raise ValueError(f"a draft cost table needs {k} x {len(m.rows)} times, got {len(m.seconds)}")
+    return DraftCost(tuple(m.rows), tuple(tuple(m.seconds[i * k : (i + 1) * k]) for i in range(len(m.rows))))

@@ -57,11 +57,14 @@ def build_verifier_core(
     return VerifierCore(engine, sps, eos_token_ids(model, tokenizer), ttl_s=ttl_s, feature_dtype=feature_dtype)
 
 
-def build_draft_core(engine_config, drafter: str | None, max_support: int, ttl_s: float) -> DraftCore:
+def build_draft_core(
+    engine_config, drafter: str | None, max_support: int, ttl_s: float, draft_cost_path: str | None = None
+) -> DraftCore:
     """The trained drafter with its own copy of the target's embedding and LM head (loaded from the target's
-    weights, which the draft process then drops)."""
+    weights, which the draft process then drops), and its cost table t_draft(R, K) (loaded or quick-profiled)."""
     import torch
 
+    from dspark.drafter import cost_profile
     from dspark.drafter.checkpoint import default_drafter_path, load_trained_drafter
     from dspark.drafter.proposer import DSparkProposer
     from dspark.models.model_store import load_model
@@ -72,7 +75,11 @@ def build_draft_core(engine_config, drafter: str | None, max_support: int, ttl_s
     path = Path(drafter) if drafter else default_drafter_path(engine_config.model)
     d = load_trained_drafter(path, model, tokenizer).to(engine_config.device)
     del model
-    return DraftCore(DSparkProposer(d, max_support=max_support or None), ttl_s=ttl_s)
+    proposer = DSparkProposer(d, max_support=max_support or None)
+    proposer.draft_cost = cost_profile.load_or_profile(
+        proposer, path.name, engine_config.max_requests, draft_cost_path, log=log.info
+    )
+    return DraftCore(proposer, ttl_s=ttl_s)
 
 
 def serve_verifier(

@@ -1,0 +1,134 @@
+"""The reduced draft vocabulary (drafter/vocab.py): which tokens it keeps, drafts that stay on it, the same drafter
+otherwise, a saved drafter that keeps it, and verification that stays exact (greedy and sampled)."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+
+import pytest
+import torch
+from test_core_decoding_stats import P_MIN, V, _chi2_pvalue, _exact_joint, _marginal, _tiny_llama
+
+from dspark.core.config import EngineConfig
+from dspark.core.decoding import Decoder
+from dspark.core.engine import TargetEngine
+from dspark.core.sampling import SamplingParams
+from dspark.drafter.checkpoint import load_trained_drafter, save_trained_drafter, target_fingerprint
+from dspark.drafter.model import DSparkDrafter
+from dspark.drafter.proposer import DSparkProposer
+from dspark.drafter.vocab import frequent_tokens, token_counts, with_draft_vocab
+
+LAYERS = (0, 1, 2)
+KEEP = [0, 2, 3, 5, 6]  # the draft vocabulary of the tests (V = 8)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_frequent_tokens_keep_the_end_of_sequence(tmp_path):
+    path = tmp_path / "data.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for resp in ([5, 5, 5, 7, 7, 1], [7, 3, 5], [3]):
+            f.write(json.dumps({"prompt_ids": [1], "response_ids": resp}) + "\n")
+    counts = token_counts([path])
+    assert counts == collections.Counter({5: 4, 7: 3, 3: 2, 1: 1})
+    assert frequent_tokens(counts, 2) == [5, 7]
+    assert frequent_tokens(counts, 2, always=[9]) == [5, 9]  # EOS kept even though never seen
+    assert frequent_tokens(counts, 3, always=[3]) == [3, 5, 7]
+    with pytest.raises(ValueError, match="cannot hold"):
+        frequent_tokens(counts, 1, always=[8, 9])
+
+
+@pytest.fixture(scope="module")
+def target_model():
+    return _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
+
+
+def drafter(model) -> DSparkDrafter:
+    torch.manual_seed(1)
+    d = DSparkDrafter.from_target_model(model, feature_layers=LAYERS, n_layer=1, gamma=4, markov_rank=8)
+    torch.nn.init.normal_(d.seq.W2.weight, std=0.5)
+    d.conf_temperature.fill_(0.3)
+    return d.eval()
+
+
+def draft(d, features, params, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return d.propose(features, [features.shape[1]] * features.shape[0], [3] * features.shape[0], params, g)
+
+
+def test_drafts_stay_on_the_draft_vocabulary(target_model):
+    d = drafter(target_model)
+    small = with_draft_vocab(d, KEEP)
+    assert small.config.draft_vocab_size == len(KEEP) and small.draft_vocab.tolist() == KEEP
+    feats = torch.randn(3, 5, d.config.feature_size)
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)):
+        out = draft(small, feats, params)
+        assert set(out.tokens.flatten().tolist()) <= set(KEEP)
+        off = torch.ones(V, dtype=torch.bool)
+        off[KEEP] = False
+        assert out.probs[..., off].abs().max() == 0  # q is 0 off the list
+        torch.testing.assert_close(out.probs.sum(-1), torch.ones(3, 4))
+    full = with_draft_vocab(d, range(V))  # the whole vocabulary: exactly the drafter it came from
+    assert full.config.draft_vocab_size == 0
+    a, b = draft(d, feats, SamplingParams(temperature=1.0)), draft(full, feats, SamplingParams(temperature=1.0))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs)
+
+
+def block_hidden(d, feats):
+    """h (B, gamma, C) of the block after each row's context, as propose computes it."""
+    B, L = feats.shape[:2]
+    G = d.config.gamma
+    pos = L + torch.arange(G).expand(B, G)
+    mask = torch.ones(B, G, L + G, dtype=torch.bool)
+    return d.backbone(d.encode_context(feats), d._block_inputs(torch.tensor([3] * B)), pos, mask)
+
+
+def test_greedy_draft_is_the_argmax_over_the_draft_vocabulary(target_model):
+    d = drafter(target_model)
+    feats = torch.randn(2, 5, d.config.feature_size)
+    out = draft(with_draft_vocab(d, KEEP), feats, SamplingParams(temperature=0.0))
+    h = block_hidden(d, feats)[:, 0]  # (B, C): the first position
+    logits, _ = d._sequential_step(d._logits(h), h, torch.tensor([3, 3]), None)  # (B, V): U_1 + B(anchor, .)
+    assert torch.equal(out.tokens[:, 0], torch.tensor(KEEP)[logits[:, KEEP].argmax(-1)])
+
+
+def test_a_saved_drafter_keeps_its_draft_vocabulary(target_model, tmp_path):
+    small = with_draft_vocab(drafter(target_model), KEEP)
+    save_trained_drafter(small, tmp_path, "tiny", target_fingerprint(target_model), dtype="bfloat16")
+    back = load_trained_drafter(tmp_path, target_model)
+    assert back.config.draft_vocab_size == len(KEEP) and back.draft_vocab.tolist() == KEEP
+
+
+def decoder(model, d, policy="fixed", max_requests=16):
+    engine = TargetEngine(EngineConfig(max_requests=max_requests, max_context=24, feature_layers=LAYERS), model=model)
+    return Decoder(engine, DSparkProposer(d), num_draft=4, policy=policy)
+
+
+def test_verification_stays_exact_with_a_draft_vocabulary(target_model):
+    small = with_draft_vocab(drafter(target_model), KEEP)
+    prompts = [[3, 4, 5], [6], [7, 1, 2, 3], [4, 4]]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    plain = Decoder(TargetEngine(EngineConfig(max_requests=4, max_context=24), model=target_model)).generate(
+        prompts, sp
+    )
+    out = decoder(target_model, small, max_requests=4).generate(prompts, sp)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    assert sum(c.stats.accepted for c in out) > 0
+
+
+def test_sampled_output_keeps_the_target_distribution_with_a_draft_vocabulary(target_model):
+    n, max_tokens = 3000, 4
+    dec = decoder(target_model, with_draft_vocab(drafter(target_model), KEEP))
+    params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=i) for i in range(n)]
+    prompt = [3, 4, 5]
+    done = dec.generate([prompt] * n, params)
+    assert sum(c.stats.accepted for c in done) > 0
+    joint = _exact_joint(target_model, prompt, max_tokens, SamplingParams(temperature=1.0))
+    outputs = [tuple(c.token_ids) for c in done]
+    for keep in [(0, 1), (1, 2), (2, 3)]:
+        pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
+        assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
+    # tokens off the draft vocabulary still come out: the target's recovered/bonus tokens cover the whole vocabulary
+    assert {t for o in outputs for t in o} - set(KEEP)
