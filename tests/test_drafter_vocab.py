@@ -36,6 +36,8 @@ def test_frequent_tokens_keep_the_end_of_sequence(tmp_path):
     assert frequent_tokens(counts, 2) == [5, 7]
     assert frequent_tokens(counts, 2, always=[9]) == [5, 9]  # EOS kept even though never seen
     assert frequent_tokens(counts, 3, always=[3]) == [3, 5, 7]
+    assert frequent_tokens(counts, 6, vocab_size=8) == [0, 1, 2, 3, 5, 7]  # unseen ids fill up in id order
+    assert frequent_tokens(counts, 20, vocab_size=8) == list(range(8))
     with pytest.raises(ValueError, match="cannot hold"):
         frequent_tokens(counts, 1, always=[8, 9])
 

@@ -255,7 +255,7 @@ def cmd_draft_vocab(a) -> int:
     model, tokenizer = load_model(a.model)
     drafter = load_trained_drafter(src, model, tokenizer)
     counts = token_counts(a.data)
-    ids = frequent_tokens(counts, a.size, always=eos_token_ids(model, tokenizer))
+    ids = frequent_tokens(counts, a.size, eos_token_ids(model, tokenizer), drafter.config.vocab_size)
     covered = sum(counts[t] for t in ids) / max(1, sum(counts.values()))
     meta = json.loads((src / METADATA).read_text()) if (src / METADATA).exists() else {}
     extra = {k: v for k, v in meta.items() if k not in ("format_version", "drafter_config", "target")}

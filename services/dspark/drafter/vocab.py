@@ -30,17 +30,23 @@ def token_counts(paths: Iterable[str | Path]) -> collections.Counter:
     return counts
 
 
-def frequent_tokens(counts: collections.Counter, size: int, always: Sequence[int] = ()) -> list[int]:
+def frequent_tokens(
+    counts: collections.Counter, size: int, always: Sequence[int] = (), vocab_size: int | None = None
+) -> list[int]:
     """The `size` most frequent tokens (ties by id), `always` (e.g. the end-of-sequence tokens) included; ascending.
-    Tokens never seen fill the rest in id order when fewer than `size` were seen."""
+    When fewer than `size` tokens were seen, unseen ids fill the rest in id order (BPE vocabularies put their
+    commonest merges first), up to vocab_size."""
     if size < len(set(always)):
         raise ValueError(f"a draft vocabulary of {size} cannot hold the {len(set(always))} tokens it must keep")
-    keep = list(dict.fromkeys(int(t) for t in always))
+    keep = dict.fromkeys(int(t) for t in always)
     for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         if len(keep) >= size:
             break
-        if t not in keep:
-            keep.append(int(t))
+        keep.setdefault(int(t))
+    t = 0
+    while vocab_size is not None and len(keep) < min(size, vocab_size) and t < vocab_size:
+        keep.setdefault(t)
+        t += 1
     return sorted(keep)
 
 
