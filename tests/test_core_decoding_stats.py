@@ -109,6 +109,21 @@ def _marginal(joint: torch.Tensor, keep: tuple[int, ...]) -> torch.Tensor:
     return joint.sum(drop) if drop else joint
 
 
+def assert_samples_follow_the_target(
+    model, dec, n: int, prompt=(3, 4, 5), max_tokens: int = 4, keeps=((0, 1), (1, 2), (2, 3))
+) -> list:
+    """n seeded T=1 requests of `prompt` through decoder `dec`; asserts that the joint of each tuple of output
+    positions in `keeps` is the target's exact one (chi-square); returns the completions."""
+    params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=i) for i in range(n)]
+    done = dec.generate([list(prompt)] * n, params)
+    joint = _exact_joint(model, list(prompt), max_tokens, SamplingParams(temperature=1.0))
+    outputs = [tuple(c.token_ids) for c in done]
+    for keep in keeps:
+        pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
+        assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
+    return done
+
+
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
 def test_speculative_decoding_matches_target_distribution(target_model, draft_model, temperature, top_p):
     decoder = _speculative(target_model, draft_model, max_requests=16)  # 16 slots << N: continuous batching

@@ -9,7 +9,11 @@ import json
 
 import pytest
 import torch
-from test_core_decoding_stats import P_MIN, V, _chi2_pvalue, _exact_joint, _marginal, _tiny_llama
+from test_core_decoding_stats import (
+    V,
+    _tiny_llama,
+    assert_samples_follow_the_target,
+)
 
 from dspark.core.config import EngineConfig
 from dspark.core.decoding import Decoder
@@ -121,16 +125,9 @@ def test_verification_stays_exact_with_a_draft_vocabulary(target_model):
 
 
 def test_sampled_output_keeps_the_target_distribution_with_a_draft_vocabulary(target_model):
-    n, max_tokens = 3000, 4
     dec = decoder(target_model, with_draft_vocab(drafter(target_model), KEEP))
-    params = [SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=i) for i in range(n)]
-    prompt = [3, 4, 5]
-    done = dec.generate([prompt] * n, params)
+    done = assert_samples_follow_the_target(target_model, dec, 3000)
     assert sum(c.stats.accepted for c in done) > 0
-    joint = _exact_joint(target_model, prompt, max_tokens, SamplingParams(temperature=1.0))
     outputs = [tuple(c.token_ids) for c in done]
-    for keep in [(0, 1), (1, 2), (2, 3)]:
-        pv = _chi2_pvalue([tuple(o[i] for i in keep) for o in outputs], _marginal(joint, keep))
-        assert pv > P_MIN, f"tokens {keep}: p-value {pv:.2e}"
     # tokens off the draft vocabulary still come out: the target's recovered/bonus tokens cover the whole vocabulary
     assert {t for o in outputs for t in o} - set(KEEP)

@@ -53,6 +53,25 @@ class RequestStats:
 
 
 @dataclass
+class LoopTimes:
+    """Where the decode loop's time went (wall seconds, summed over rounds): benchmarks read and reset it."""
+
+    rounds: int = 0
+    draft_calls: int = 0  # rounds that called the proposer
+    draft_s: float = 0.0  # in the proposer (in process: the drafter; remote: the RPC and the service)
+    verify_s: float = 0.0  # in the verifier's batched verify
+    prefill_s: float = 0.0
+
+    def per_round_ms(self) -> dict[str, float]:
+        n = max(1, self.rounds)
+        return {
+            "draft_ms": 1000 * self.draft_s / n,
+            "verify_ms": 1000 * self.verify_s / n,
+            "draft_calls_per_round": self.draft_calls / n,
+        }
+
+
+@dataclass
 class Completion:
     request_id: str
     prompt_ids: list[int]
@@ -98,9 +117,11 @@ class Decoder:
         sps: SpsTable | None = None,
         threshold: float = 0.5,
         draft_cost: DraftCost | None = None,
+        plan_margin: float = 1.05,
     ):
         """draft_cost: the proposer's cost table (default: the proposer's own `draft_cost`, if it has one); None
-        prices rounds with the verifier alone, as the paper does, and drafts every request in full."""
+        prices rounds with the verifier alone, as the paper does, and drafts every request in full. plan_margin:
+        how much faster than not drafting a round must be expected to be before it drafts (see plan_drafts)."""
         if isinstance(target, TargetEngine):
             self.engine: TargetEngine | None = target
             self.verifier: Verifier = LocalVerifier(target, sps)
@@ -110,8 +131,9 @@ class Decoder:
         self.num_draft = num_draft if proposer is not None else 0
         self.sps, self.threshold = (sps if sps is not None else self.verifier.sps), threshold
         self.policy = self._check_policy(policy)
-        self._draft_cost = draft_cost
+        self._draft_cost, self.plan_margin = draft_cost, plan_margin
         self._forecast = ConfidenceForecast(max(1, self.num_draft))
+        self.times = LoopTimes()
         # dspark-async, per verifier replica (None: a verifier without replicas): the batch capacities computed from
         # the last two rounds' confidences (oldest first)
         self._capacities: dict[Hashable, collections.deque[int | None]] = {}
@@ -198,9 +220,12 @@ class Decoder:
         cost = self.draft_cost
         draft_s = 0.0 if cost is None else cost(sum(k > 0 for k in ks), max(ks))
         proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, groups, drafted, draft_s))]
+        t = time.perf_counter()
         outs = self.verifier.verify(
             [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
         )
+        self.times.verify_s += time.perf_counter() - t
+        self.times.rounds += 1
         still = []
         for r, d, p, v in zip(batch, drafted, proposals, outs):
             if v.features is not None:
@@ -238,6 +263,7 @@ class Decoder:
         admitted = [self._waiting.popleft() for _ in range(n)]
         if not admitted:
             return []
+        t = time.perf_counter()
         try:
             outs = self.verifier.prefill([PrefillItem(r.request_id, r.prompt_ids, r.params) for r in admitted])
         except CapacityError:  # a shared verifier filled up meanwhile: they wait for the next round
@@ -245,6 +271,7 @@ class Decoder:
             if not self._running:
                 time.sleep(0.01)  # nothing else to do until a session is released somewhere
             return []
+        self.times.prefill_s += time.perf_counter() - t
         finished = []
         for r, out in zip(admitted, outs):
             if out.features is not None:
@@ -272,12 +299,15 @@ class Decoder:
         active = [i for i, k in enumerate(ks) if k > 0]
         if self.proposer is None or not active:
             return out
+        t = time.perf_counter()
         reqs = [
             DraftRequest(r.request_id, r.prompt_ids + r.output, ks[i], r.params, r.take_features())
             for i, r in ((i, batch[i]) for i in active)
         ]
         for i, p in zip(active, self.proposer.propose(reqs)):
             out[i] = p
+        self.times.draft_s += time.perf_counter() - t
+        self.times.draft_calls += 1
         return out
 
     def _groups(self, batch: list[_Request]) -> dict[Hashable, list[int]]:
@@ -316,6 +346,7 @@ class Decoder:
                 base_tau=base_tau,
                 base_rows=len(drafting),
                 base_positions=max((ks[i] for i in drafting), default=0),
+                margin=self.plan_margin,
             )
             for i, c in zip(planned, group_caps):
                 caps[i] = c

@@ -78,12 +78,14 @@ def plan_drafts(
     base_tau: float = 0.0,
     base_rows: int = 0,
     base_positions: int = 0,
+    margin: float = 1.0,
 ) -> list[int]:
     """Draft caps for one verifier's requests: forecasts[r] = predicted confidences c_{r,1..k_r} (k_r: the most
     request r may draft). Every prefix of the candidates sorted by predicted survival is priced with
     E[tokens] / t(B, R, K) and the best is kept (an unconstrained search, like dspark-async's capacity: it reads no
     fresh draft, so it needs no early stop). base_*: what other requests of the round already add (query tokens,
-    expected tokens, rows and positions drafted for them)."""
+    expected tokens, rows and positions drafted for them). margin: how much better than drafting none of these
+    requests a plan must be expected to do to be taken (forecasts and cost tables err; 1.05 asks for 5%)."""
     R = len(forecasts)
     if R == 0:
         return []
@@ -93,7 +95,8 @@ def plan_drafts(
     )
     B, tau = base_tokens + R, base_tau + R
     rows, positions = set(), base_positions
-    best, best_n = tau / round_seconds(sps, B, draft_cost, base_rows, base_positions), 0
+    best = margin * tau / round_seconds(sps, B, draft_cost, base_rows, base_positions)
+    best_n = 0
     for n, (a, r, j) in enumerate(cands, 1):
         B, tau = B + 1, tau + a
         rows.add(r)

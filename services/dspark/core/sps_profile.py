@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -103,26 +103,37 @@ def table_of(rows: list[dict]) -> SpsTable:
     return SpsTable(tuple(r["B"] for r in rows), tuple(r["sps"] for r in rows))
 
 
-def save(path: Path, key: ProfileKey, rows: list[dict], context: int, kind: str) -> Path:
+def write_profile(path: Path, doc: dict, plot_fn) -> Path:
+    """A cost profile's JSON (written atomically) and its PNG (plot_fn(doc, png path)) next to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, **key.__dict__, "context": context, "kind": kind, "block": BLOCK, "rows": rows}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(path)
-    plot(doc, path.with_suffix(".png"))
+    plot_fn(doc, path.with_suffix(".png"))
     return path
+
+
+def read_profile(path: Path, fmt: str, key=None) -> dict:
+    """A cost profile's JSON; raises ValueError unless it has format fmt and, with key (a dataclass), the fields
+    of key equal to it: a table is used only for what it was measured for."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} profile")
+    if key is not None:
+        got = type(key)(**{f.name: doc.get(f.name) for f in fields(key)})
+        if got != key:
+            raise ValueError(f"{path} was profiled for {got}, not {key}")
+    return doc
+
+
+def save(path: Path, key: ProfileKey, rows: list[dict], context: int, kind: str) -> Path:
+    doc = {"format": FORMAT, **key.__dict__, "context": context, "kind": kind, "block": BLOCK, "rows": rows}
+    return write_profile(path, doc, plot)
 
 
 def load(path: Path, key: ProfileKey | None = None) -> SpsTable:
     """The table in path; with key, raises ValueError unless the table was measured for it."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an SPS profile ({FORMAT})")
-    if key is not None:
-        got = ProfileKey(doc["model"], doc["device"], doc["dtype"], doc["threads"])
-        if got != key:
-            raise ValueError(f"{path} was profiled for {got}, not {key}")
-    return table_of(doc["rows"])
+    return table_of(read_profile(path, FORMAT, key)["rows"])
 
 
 def default_path(key: ProfileKey) -> Path:

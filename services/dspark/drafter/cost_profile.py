@@ -24,6 +24,7 @@ import torch
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
+from dspark.core.sps_profile import read_profile, write_profile
 from dspark.drafter.proposer import DSparkProposer
 from dspark.models.model_store import dspark_home
 
@@ -119,26 +120,13 @@ def default_path(key: DraftCostKey) -> Path:
 
 
 def save(path: Path, key: DraftCostKey, rows: list[dict], context: int, kind: str, max_support: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, **key.__dict__, "max_support": max_support, "context": context, "kind": kind}
-    doc["rows"] = rows
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-    plot(doc, path.with_suffix(".png"))
-    return path
+    return write_profile(path, {**doc, "rows": rows}, plot)
 
 
 def load(path: Path, key: DraftCostKey | None = None) -> DraftCost:
     """The table in path; with key, raises ValueError unless it was measured for it."""
-    doc = json.loads(Path(path).read_text())
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a draft cost profile ({FORMAT})")
-    if key is not None:
-        got = DraftCostKey(doc["drafter"], doc["device"], doc["dtype"], doc["threads"])
-        if got != key:
-            raise ValueError(f"{path} was profiled for {got}, not {key}")
-    return table_of(doc["rows"])
+    return table_of(read_profile(path, FORMAT, key)["rows"])
 
 
 def load_or_profile(
