@@ -276,6 +276,7 @@ def _rpc_error(fn) -> grpc.RpcError:
 # -- 1. greedy through the public API ---------------------------------------------------------------------------------
 
 N_GREEDY = 32
+GAMMA = 7  # the shipped drafter's block size
 
 
 def test_greedy_through_the_router_is_plain_greedy_under_every_policy(stack, ref):
@@ -300,8 +301,12 @@ def test_greedy_through_the_router_is_plain_greedy_under_every_policy(stack, ref
     assert totals["autoregressive"]["drafted"] == 0 and totals["autoregressive"]["rounds"] == plain_rounds
     assert totals["fixed"]["budget"] == totals["fixed"]["drafted"] > 0  # fixed: every draft verified
     assert totals["fixed"]["accepted"] > 0 and totals["fixed"]["rounds"] < plain_rounds
-    for policy in ("", "dspark"):  # the drafter runs every round; the SPS table decides how much is verified
-        assert totals[policy]["drafted"] > 0 and totals[policy]["accepted"] <= totals[policy]["budget"]
+    for policy in ("", "dspark"):
+        # the planner drafts only what the drafter's and the verifier's cost tables say pays (on this CPU often
+        # nothing: plain rounds, no draft call); Algorithm 1 verifies a prefix of what was drafted
+        t = totals[policy]
+        assert t["accepted"] <= t["budget"] <= t["drafted"] < GAMMA * t["rounds"]
+        assert t["rounds"] <= plain_rounds
 
 
 def test_generate_server_cli_prints_plain_greedy(stack, ref, capsys):

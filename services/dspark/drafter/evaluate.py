@@ -195,9 +195,11 @@ def evaluate_prompts(
     gamma: int | None = None,
     eos_token_ids: tuple[int, ...] = (),
     seed: int | None = 0,
+    progress: str | None = None,
 ) -> dict:
     """Speculative decoding of pre-tokenized prompts with `drafter` on `engine` (whose feature_layers must be the
-    drafter's), gamma drafts per round; request i samples with seed + i. Returns summarize()'s metrics."""
+    drafter's), gamma drafts per round; request i samples with seed + i. Returns summarize()'s metrics. progress:
+    the label of a progress bar on stderr (prompts done, running tau); None: no bar."""
     gamma = drafter.config.gamma if gamma is None else gamma
     if not 1 <= gamma <= drafter.config.gamma:
         raise ValueError(f"gamma must be in 1..{drafter.config.gamma} (the drafter's block size), got {gamma}")
@@ -209,9 +211,26 @@ def evaluate_prompts(
     proposer = RecordingProposer(DSparkProposer(drafter))
     dec = Decoder(engine, proposer, num_draft=gamma, eos_token_ids=eos_token_ids)
     plist = [replace(params, seed=None if seed is None else seed + i) for i in range(len(prompts))]
-    completions = dec.generate(prompts, plist) if prompts else []
+    completions = _generate(dec, prompts, plist, progress)
     rounds = [r for c in completions for r in proposer.rounds(c)]
     return summarize(completions, rounds, gamma)
+
+
+def _generate(dec: Decoder, prompts: list[list[int]], params: list[SamplingParams], label: str | None):
+    """dec.generate, with a progress bar: prompts done and the running tau of the finished ones."""
+    from tqdm.auto import tqdm
+
+    ids = [dec.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done: dict[str, Completion] = {}
+    accepted = rounds = 0
+    with tqdm(total=len(ids), desc=label, unit="prompt", disable=label is None, file=sys.stderr) as bar:
+        while dec.has_work:
+            for c in dec.step():
+                done[c.request_id] = c
+                accepted, rounds = accepted + c.stats.accepted, rounds + c.stats.rounds
+                bar.set_postfix(tau=f"{(accepted + rounds) / max(1, rounds):.3f}", refresh=False)
+                bar.update(1)
+    return [done[i] for i in ids]
 
 
 # -- CLI layer -------------------------------------------------------------------------------------------------
@@ -252,10 +271,8 @@ def run_eval(a, out=sys.stdout) -> dict:
     }
     for name, turns in datasets.items():
         prompts = [encode_prompt(tokenizer, t)[-room:] for t in turns]  # keep the tail of over-long prompts
-        if not a.json:
-            print(f"{name}: {len(prompts)} prompts ...", file=sys.stderr)
         result["datasets"][name] = evaluate_prompts(
-            engine, drafter, prompts, params, gamma=a.gamma, eos_token_ids=eos, seed=a.seed
+            engine, drafter, prompts, params, gamma=a.gamma, eos_token_ids=eos, seed=a.seed, progress=name
         )
     if a.out:
         write_outputs(result, Path(a.out))
