@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from dspark.bench.services import DISAGGREGATED, IN_PROCESS, Sample, format_table, goals, matching, ratios, summarise
+from dspark.bench.services import (
+    DISAGGREGATED,
+    IN_PROCESS,
+    SERVED_PLAIN,
+    Sample,
+    format_table,
+    goals,
+    matching,
+    ratios,
+    summarise,
+    versus_plain,
+)
 
 
 def _s(i, tokens, seconds, rounds=4, accepted=4, ids=(1, 2)):
@@ -39,6 +50,16 @@ def test_ratios_goal_and_table():
     assert table[1].split()[:2] == [IN_PROCESS, "1"] and table[2].split()[:2] == [DISAGGREGATED, "1"]
     assert table[3].split() == ["dis", "/", "in", "1", "0.909x", "1.100x"]
     assert table[4].split()[:2] == [IN_PROCESS, "8"] and len(table) == 5
+
+
+def test_the_policy_is_compared_with_plain_decoding_through_the_same_services():
+    rows = [
+        summarise(DISAGGREGATED, 1, [([_s(0, 10, 1.0)], 1.0)]),
+        summarise(SERVED_PLAIN, 1, [([_s(0, 10, 1.25)], 1.25)]),
+        summarise(DISAGGREGATED, 8, [([_s(0, 10, 1.0)], 1.0)]),
+    ]
+    assert versus_plain(rows) == pytest.approx({1: 1.25})
+    assert format_table(rows, []).splitlines()[3].split() == ["dis", "/", "plain", "1", "1.250x"]
 
 
 def test_matching_compares_outputs_by_prompt():

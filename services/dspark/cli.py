@@ -450,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--temperature", type=float, default=0.0, help="0: both modes must give identical outputs")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--sps-profile", default=None, help="SPS table JSON (default: the one for this model/device)")
+    bs.add_argument("--no-baseline", action="store_true", help="skip plain decoding through the same services")
     bs.add_argument("--ray", action="store_true", help="the router on Ray Serve (default: --no-ray, same decode loop)")
     bs.add_argument("--wait", type=float, default=600.0, help="seconds each service may take to become healthy")
     bs.add_argument("--timeout", type=float, default=600.0, help="deadline of each gRPC call")

@@ -25,6 +25,7 @@ from dspark.bench.policies import closed_loop, eval_prompts
 from dspark.core.sampling import SamplingParams
 
 IN_PROCESS, DISAGGREGATED = "in-process", "disaggregated"
+SERVED_PLAIN = "served-plain"  # the same stack, each request on the autoregressive policy: the baseline
 GOAL_LATENCY_RATIO = 1.15  # disaggregated per-token latency at concurrency 1, relative to in-process
 
 
@@ -94,6 +95,16 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def versus_plain(rows: list[dict]) -> dict[int, float]:
+    """Throughput of the policy through the services / plain decoding through the same services, per level."""
+    at = {(r["mode"], r["concurrency"]): r for r in rows}
+    return {
+        c: at[DISAGGREGATED, c]["throughput_tps"] / at[SERVED_PLAIN, c]["throughput_tps"]
+        for c in sorted({r["concurrency"] for r in rows})
+        if (DISAGGREGATED, c) in at and at.get((SERVED_PLAIN, c), {}).get("throughput_tps")
+    }
+
+
 def goals(ratio_rows: list[dict]) -> dict:
     c1 = next((r for r in ratio_rows if r["concurrency"] == 1), None)
     if c1 is None or c1["ms_per_token"] is None:
@@ -123,6 +134,9 @@ def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
             tps = "-" if q["throughput"] is None else f"{q['throughput']:.3f}x"
             lat = "-" if q["ms_per_token"] is None else f"{q['ms_per_token']:.3f}x"
             lines.append(f"{'dis / in':14s} {c:4d} {'':4s} {tps:>8s} {lat:>8s}")
+        vp = versus_plain(rows).get(c)
+        if vp is not None:
+            lines.append(f"{'dis / plain':14s} {c:4d} {'':4s} {vp:7.3f}x")
     return "\n".join(lines)
 
 
@@ -147,8 +161,11 @@ def run_in_process(dec, prompts: list[list[int]], params: list[SamplingParams], 
     return samples, wall
 
 
-def run_remote(stub, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, timeout_s: float):
-    """All prompts through the router's GenerationService.Generate, `concurrency` calls in flight: (samples, wall)."""
+def run_remote(
+    stub, prompts: list[list[int]], params: list[SamplingParams], concurrency: int, timeout_s: float, policy: str = ""
+):
+    """All prompts through the router's GenerationService.Generate, `concurrency` calls in flight: (samples, wall).
+    policy: the per-request policy ("": the router's own)."""
     from dspark.v1 import generation_pb2 as gpb
 
     queue = list(range(len(prompts)))
@@ -163,7 +180,11 @@ def run_remote(stub, prompts: list[list[int]], params: list[SamplingParams], con
                 i = queue.pop(0)
             p = params[i]
             req = gpb.GenerateRequest(
-                prompt_token_ids=prompts[i], max_tokens=p.max_tokens, temperature=p.temperature, ignore_eos=True
+                prompt_token_ids=prompts[i],
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                ignore_eos=True,
+                policy=policy,
             )
             if p.seed is not None:
                 req.seed = p.seed
@@ -237,10 +258,12 @@ def run(a, config) -> dict:
                 IN_PROCESS: lambda ps, c, tag: run_in_process(dec, ps, params, c, tag),
                 DISAGGREGATED: lambda ps, c, tag: run_remote(stub, ps, params, c, a.timeout),
             }
+            if a.policy != "autoregressive" and not a.no_baseline:
+                modes[SERVED_PLAIN] = lambda ps, c, tag: run_remote(stub, ps, params, c, a.timeout, "autoregressive")
             for c in levels:
                 n = a.requests or max(4, 2 * c)
                 for rep in range(a.repeats):
-                    order = [IN_PROCESS, DISAGGREGATED] if rep % 2 == 0 else [DISAGGREGATED, IN_PROCESS]
+                    order = list(modes) if rep % 2 == 0 else list(reversed(modes))
                     for mode in order:
                         samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
                         runs.setdefault((mode, c), []).append((samples, wall))
@@ -249,7 +272,7 @@ def run(a, config) -> dict:
                             f"  {mode:14s} c={c} repeat {rep}: {row['throughput_tps']:.2f} tok/s, "
                             f"{row['ms_per_token']:.1f} ms/token"
                         )
-    rows = [summarise(mode, c, runs[mode, c]) for c in levels for mode in (IN_PROCESS, DISAGGREGATED)]
+    rows = [summarise(mode, c, runs[mode, c]) for c in levels for mode in modes]
     same = {
         c: matching(
             [s for ss, _ in runs[IN_PROCESS, c] for s in ss], [s for ss, _ in runs[DISAGGREGATED, c] for s in ss]
@@ -270,7 +293,7 @@ def run(a, config) -> dict:
         "rows": rows,
         "ratios": ratio_rows,
         "identical_outputs": same,
-        "goals": goals(ratio_rows),
+        "goals": {**goals(ratio_rows), "throughput_vs_served_plain": versus_plain(rows)},
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
