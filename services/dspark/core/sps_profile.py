@@ -154,7 +154,8 @@ def load_or_profile(engine: TargetEngine, path: Path | None = None, log=print) -
     return table_of(rows)
 
 
-def plot(doc: dict, path: Path) -> None:
+def two_panels(path: Path, title: str, draw) -> None:
+    """A PNG of two side-by-side plots, draw(left axes, right axes) filling them; nothing without matplotlib."""
     try:
         import matplotlib
     except ImportError:
@@ -162,15 +163,24 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bs = [r["B"] for r in doc["rows"]]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(bs, [r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3)
-    a1.set(xlabel="query tokens B", ylabel="verifier steps / s", title="SPS(B)")
-    a2.plot(bs, [r["B"] * r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3, color="tab:green")
-    a2.set(xlabel="query tokens B", ylabel="query tokens / s", title="B x SPS(B)")
-    for a in (a1, a2):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    draw(*axes)
+    for a in axes:
         a.grid(alpha=0.3)
-    fig.suptitle(f"{doc['model']} {doc['device']} {doc['dtype']} threads={doc['threads']} context={doc['context']}")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(doc: dict, path: Path) -> None:
+    bs = [r["B"] for r in doc["rows"]]
+
+    def draw(a1, a2):
+        a1.plot(bs, [r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3)
+        a1.set(xlabel="query tokens B", ylabel="verifier steps / s", title="SPS(B)")
+        a2.plot(bs, [r["B"] * r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3, color="tab:green")
+        a2.set(xlabel="query tokens B", ylabel="query tokens / s", title="B x SPS(B)")
+
+    title = f"{doc['model']} {doc['device']} {doc['dtype']} threads={doc['threads']} context={doc['context']}"
+    two_panels(path, title, draw)

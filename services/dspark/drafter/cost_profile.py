@@ -24,7 +24,7 @@ import torch
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
-from dspark.core.sps_profile import read_profile, write_profile
+from dspark.core.sps_profile import read_profile, two_panels, write_profile
 from dspark.drafter.proposer import DSparkProposer
 from dspark.models.model_store import dspark_home
 
@@ -137,8 +137,12 @@ def load_or_profile(
     key = DraftCostKey.of(proposer, name)
     path = Path(path) if path else default_path(key)
     if path.exists():
-        return load(path, key)
-    if log:
+        table = load(path, key)
+        if table.rows[-1] >= max_rows:
+            return table
+        if log:
+            log(f"the draft cost profile at {path} stops at R={table.rows[-1]}: measuring up to R={max_rows}")
+    elif log:
         log(f"no draft cost profile for {key} at {path}: quick profile up to R={max_rows} (`dspark profile` for more)")
     rows = measure(proposer, quick_rows(max_rows), repeats=2)
     save(path, key, rows, context=128, kind="quick", max_support=proposer.max_support or 0)
@@ -146,30 +150,18 @@ def load_or_profile(
 
 
 def plot(doc: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rs = [r["R"] for r in doc["rows"]]
     gamma = len(doc["rows"][0]["seconds"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in range(gamma):
-        a1.plot(rs, [1000 * r["seconds"][k] for r in doc["rows"]], ".-", lw=1, ms=3, label=f"K={k + 1}")
-    a1.set(xlabel="rows R", ylabel="ms per draft call", title="t_draft(R, K)")
-    a1.legend(fontsize=7)
-    for r in doc["rows"]:
-        a2.plot(range(1, gamma + 1), [1000 * s for s in r["seconds"]], ".-", lw=1, ms=3, label=f"R={r['R']}")
-    a2.set(xlabel="drafted positions K", ylabel="ms per draft call", title="cost per position")
-    a2.legend(fontsize=7)
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    fig.suptitle(
-        f"{doc['drafter']} {doc['device']} {doc['dtype']} threads={doc['threads']} support={doc['max_support']}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def draw(a1, a2):
+        for k in range(gamma):
+            a1.plot(rs, [1000 * r["seconds"][k] for r in doc["rows"]], ".-", lw=1, ms=3, label=f"K={k + 1}")
+        a1.set(xlabel="rows R", ylabel="ms per draft call", title="t_draft(R, K)")
+        for r in doc["rows"]:
+            a2.plot(range(1, gamma + 1), [1000 * s for s in r["seconds"]], ".-", lw=1, ms=3, label=f"R={r['R']}")
+        a2.set(xlabel="drafted positions K", ylabel="ms per draft call", title="cost per position")
+        for a in (a1, a2):
+            a.legend(fontsize=7)
+
+    title = f"{doc['drafter']} {doc['device']} {doc['dtype']} threads={doc['threads']} support={doc['max_support']}"
+    two_panels(path, title, draw)
