@@ -76,15 +76,7 @@ def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats:
         for b in sizes:
             query = [42 % engine.vocab_size] * BLOCK
             blocks = [QueryBlock(ids[i], query[: min(BLOCK, b - i * BLOCK)]) for i in range(math.ceil(b / BLOCK))]
-            engine.forward(blocks)  # warm-up
-            times = []
-            for _ in range(repeats):
-                _sync(engine.device)
-                t = time.perf_counter()
-                engine.forward(blocks)
-                _sync(engine.device)
-                times.append(time.perf_counter() - t)
-            step = statistics.median(times)
+            step = median_seconds(lambda blocks=blocks: engine.forward(blocks), engine.device, repeats)
             rows.append({"B": b, "requests": len(blocks), "step_ms": round(1000 * step, 3), "sps": 1 / step})
             if log:
                 log(f"  B={b:4d} requests={len(blocks):3d} step={1000 * step:8.2f} ms  SPS={1 / step:8.2f}")
@@ -97,6 +89,19 @@ def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up, the device synchronised around each."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def table_of(rows: list[dict]) -> SpsTable:

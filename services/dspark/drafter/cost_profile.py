@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
-from dspark.core.sps_profile import read_profile, two_panels, write_profile
+from dspark.core.sps_profile import median_seconds, read_profile, two_panels, write_profile
 from dspark.drafter.proposer import DSparkProposer
 from dspark.models.model_store import dspark_home
 
@@ -74,11 +72,6 @@ def full_rows(max_rows: int) -> list[int]:
     return rows + [max_rows]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(proposer: DSparkProposer, rows: list[int], context: int = 128, repeats: int = 3, log=None) -> list[dict]:
     """Median propose time for every R in rows and K = 1..gamma. Opens and releases its own sessions."""
     c = proposer.drafter.config
@@ -93,15 +86,7 @@ def measure(proposer: DSparkProposer, rows: list[int], context: int = 128, repea
             seconds = []
             for k in range(1, proposer.gamma + 1):
                 reqs = [DraftRequest(i, history, k, params) for i in ids[:r]]
-                proposer.propose(reqs)  # warm-up
-                times = []
-                for _ in range(repeats):
-                    _sync(proposer.device)
-                    t = time.perf_counter()
-                    proposer.propose(reqs)
-                    _sync(proposer.device)
-                    times.append(time.perf_counter() - t)
-                seconds.append(statistics.median(times))
+                seconds.append(median_seconds(lambda reqs=reqs: proposer.propose(reqs), proposer.device, repeats))
             out.append({"R": r, "seconds": seconds})
             if log:
                 log(f"  R={r:4d}  " + "  ".join(f"K={k}:{1000 * s:7.2f} ms" for k, s in enumerate(seconds, 1)))
