@@ -85,3 +85,7 @@ bench-services: setup
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info services/*.egg-info
+
+# parts of the build that live beside what they build: the image and the cluster (deploy/*/*.mk), the load
+# tests (loadtest/*.mk); each adds its own targets and help lines
+include $(wildcard deploy/*/*.mk loadtest/*.mk)
