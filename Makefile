@@ -16,7 +16,7 @@ STUBS := services/dspark/v1/generation_pb2_grpc.py
 
 .PHONY: help install setup models proto lint test test-fast run generate profile bench-engine bench-policies bench-services clean
 
-help:
+help::
 	@echo "make run           set up, start verifier + draft + router on the default model ($(MODEL)); DRAFTER=path"
 	@echo "make generate      set up, generate once in this process"
 	@echo "make test          set up, run the tests"
