@@ -58,7 +58,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check services tests
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
