@@ -1,4 +1,4 @@
-"""`dspark` command line: generate, serve, models, profile, benchmarks, data, train, eval."""
+"""`dspark` command line: generate, serve, health, models, profile, benchmarks, data, train, eval."""
 
 from __future__ import annotations
 
@@ -206,6 +206,14 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_health(a) -> int:
+    from dspark.serving.health import check
+
+    r = check(a.address, a.service, a.timeout)
+    print(f"{a.address}{'/' + a.service if a.service else ''}: {r.status}{': ' + r.detail if r.detail else ''}")
+    return r.code
+
+
 def cmd_profile(a) -> int:
     import math
     from dataclasses import replace
@@ -397,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("models", help="list registry models, or --prepare NAME to convert and cache one")
     m.add_argument("--prepare", default=None)
     m.set_defaults(fn=cmd_models)
+
+    h = sub.add_parser("health", help="gRPC health check of a verifier or draft service; exit 0 = SERVING (probes)")
+    h.add_argument("address", metavar="HOST:PORT")
+    h.add_argument("--service", default="", help="a service name to check (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.set_defaults(fn=cmd_health)
 
     b = sub.add_parser("bench-engine", help="engine benchmark: SPS(B), plain vs transformers, speculative")
     _engine_args(b)
