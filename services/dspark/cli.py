@@ -576,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50051)))
     r.add_argument("--replicas", type=int, default=1, help="router replicas (autoscaling: deploy/serve.yaml)")
     r.add_argument("--no-ray", action="store_true", help="serve from this process without Ray Serve")
+    r.add_argument(
+        "--config",
+        default=_env("SERVE_CONFIG"),
+        help="Ray Serve: a Serve config file (deploy/serve.yaml's shape, ${VAR}s from the environment), not the flags",
+    )
     r.set_defaults(fn=cmd_serve)
     lo = svs.add_parser("local", help="verifier + draft + router on this machine, until Ctrl-C (make run)")
     _engine_args(lo)

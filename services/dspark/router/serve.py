@@ -1,11 +1,58 @@
 """`dspark serve router`: the router application on a local Ray Serve instance (gRPC ingress + HTTP proxy), or with
---no-ray in this process (a grpc.aio server and uvicorn), until SIGTERM."""
+--no-ray in this process (a grpc.aio server and uvicorn), until SIGTERM. With --config, a Serve config file
+(deploy/serve.yaml's shape, the Helm chart's ConfigMap) gives the ports, the application's args and the DSparkRouter
+deployment's options (replicas, autoscaling) instead of the flags; its ${VAR}s are filled in from the environment, so
+a pod can name the services by the addresses Kubernetes puts there (DSPARK_VERIFIER_SERVICE_HOST, ...)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `dspark serve router --config` takes from a Serve config file."""
+
+    args: dict  # the application's args (RouterArgs fields)
+    deployment: dict = field(default_factory=dict)  # DSparkRouter's options: autoscaling_config, max_ongoing_requests
+    http_host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 50051
+
+
+def expand_env(text: str, environ: Mapping[str, str] = os.environ) -> str:
+    """${VAR} -> its value; a variable that is not set is an error (not an address like '${X}:50061' failing later)."""
+    missing = sorted({m for m in _VAR.findall(text) if m not in environ})
+    if missing:
+        raise ValueError(f"serve config: environment variable(s) {', '.join(missing)} not set")
+    return _VAR.sub(lambda m: environ[m.group(1)], text)
+
+
+def read_serve_config(text: str, environ: Mapping[str, str] = os.environ) -> ServeConfig:
+    """Parse a Serve config with one application (dspark.router.app:app_builder), its ${VAR}s expanded."""
+    import yaml
+
+    cfg = yaml.safe_load(expand_env(text, environ)) or {}
+    apps = cfg.get("applications") or []
+    if len(apps) != 1 or apps[0].get("import_path") != "dspark.router.app:app_builder":
+        raise ValueError("serve config: expected one application with import_path dspark.router.app:app_builder")
+    deps = [d for d in apps[0].get("deployments") or [] if d.get("name") == "DSparkRouter"]
+    http, grpc_options = cfg.get("http_options") or {}, cfg.get("grpc_options") or {}
+    return ServeConfig(
+        args=dict(apps[0].get("args") or {}),
+        deployment={k: v for k, v in (deps[0] if deps else {}).items() if k != "name"},
+        http_host=http.get("host", "0.0.0.0"),
+        http_port=int(http.get("port", 8000)),
+        grpc_port=int(grpc_options.get("port", 50051)),
+    )
 
 
 def _args(a):
@@ -31,16 +78,25 @@ def _serve_ray(a) -> int:
     import ray
     from ray import serve
 
-    from dspark.router.app import GRPC_SERVICER_FUNCTIONS, DSparkRouter
+    from dspark.router.app import GRPC_SERVICER_FUNCTIONS, DSparkRouter, RouterArgs
 
+    if a.config:
+        with open(a.config) as f:
+            c = read_serve_config(f.read())
+        args, options = RouterArgs(**c.args), c.deployment
+    else:
+        c = ServeConfig(args={}, http_host=a.host, http_port=a.http_port, grpc_port=a.grpc_port)
+        args, options = _args(a), {"num_replicas": a.replicas}
     ray.init(include_dashboard=False, configure_logging=False)
     try:
         serve.start(
-            http_options={"host": a.host, "port": a.http_port},
-            grpc_options={"port": a.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+            http_options={"host": c.http_host, "port": c.http_port},
+            grpc_options={"port": c.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
         )
-        serve.run(DSparkRouter.options(num_replicas=a.replicas).bind(_args(a)), name="dspark", route_prefix="/")
-        print(f"dspark router (Ray Serve) gRPC on localhost:{a.grpc_port}, HTTP on http://{a.host}:{a.http_port}/v1")
+        serve.run(DSparkRouter.options(**options).bind(args), name="dspark", route_prefix="/")
+        print(
+            f"dspark router (Ray Serve) gRPC on localhost:{c.grpc_port}, HTTP on http://{c.http_host}:{c.http_port}/v1"
+        )
         print("ready", flush=True)
         _wait_for_signal()
     finally:
