@@ -12,6 +12,7 @@ import grpc
 
 from dspark.core.engine import CapacityError
 from dspark.router.loop import Delta, Router
+from dspark.serving import metrics
 from dspark.v1 import generation_pb2 as gpb
 from dspark.v1 import generation_pb2_grpc
 
@@ -26,8 +27,16 @@ class ApiError(Exception):
 
 
 def status_of(e: BaseException) -> ApiError:
+    """The API error a failed request ends with; those from the decode loop are counted in dspark_request_errors_total
+    (an ApiError passes through uncounted: it was raised for the caller before the loop saw the request)."""
     if isinstance(e, ApiError):
         return e
+    err = _status_of(e)
+    metrics.REQUEST_ERRORS.labels(code=err.code.name).inc()
+    return err
+
+
+def _status_of(e: BaseException) -> ApiError:
     if isinstance(e, CapacityError):
         return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     if isinstance(e, ValueError):

@@ -39,6 +39,11 @@ QUEUE_DEPTH = Gauge("dspark_queue_depth", "requests waiting for a verifier sessi
 RUNNING = Gauge("dspark_running_requests", "requests decoding")
 DRAFT_FALLBACK = Counter("dspark_draft_fallback_rounds_total", "rounds decoded without drafts (draft service down)")
 RESTORED = Counter("dspark_verifier_restored_sessions_total", "verifier sessions rebuilt from the router's history")
+REQUEST_ERRORS = Counter(
+    "dspark_request_errors_total",
+    "requests failed by the decode loop (capacity, input, deadline, lost verifier)",
+    ["code"],
+)
 
 # -- services ---------------------------------------------------------------------------------------------------
 RPC_SECONDS = Histogram("dspark_rpc_seconds", "service call latency", ["service", "method"], buckets=LATENCY)
