@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how long a round waits for a lost verifier before its requests fail with UNAVAILABLE",
     )
     r.add_argument("--draft-retry-s", type=float, default=1.0, help="plain decoding this long after the drafter fails")
+    r.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger HTTP bodies get 413 before parsing")
     r.add_argument("--api-key", default=_env("API_KEY"), help="bearer token the public API requires")
     r.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     r.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)))
