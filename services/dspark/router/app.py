@@ -38,6 +38,7 @@ class RouterArgs(BaseModel):
         60.0, description="how long a round waits for a lost verifier before its requests fail with UNAVAILABLE"
     )
     draft_retry_s: float = Field(1.0, description="plain decoding this long after the draft service fails")
+    max_request_bytes: int = Field(1 << 20, description="HTTP bodies larger than this get 413 before parsing")
     api_key: str | None = Field(None, description="bearer token for the public API; null = $DSPARK_API_KEY or open")
 
     def config(self) -> RouterConfig:

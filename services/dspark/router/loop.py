@@ -10,6 +10,7 @@ and n > 1 are handled here, on the router's side of the tokenizer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -42,6 +43,7 @@ class RouterConfig:
     api_key: str | None = None  # bearer token the public API requires; None = open
     verifier_recover_s: float = 60.0  # how long a round waits for a lost verifier before failing its requests
     draft_retry_s: float = 1.0  # plain decoding this long after the draft service fails, then try it again
+    max_request_bytes: int = 1 << 20  # HTTP bodies larger than this are refused (413) before they are parsed
 
 
 @dataclass
@@ -131,7 +133,27 @@ class Router:
             return list(token_ids)
         if self.tokenizer is None:
             raise ValueError("this router has no tokenizer: send prompt_token_ids")
+        chars = len(prompt) + sum(len(m.get("content") or "") for m in messages or ())
+        limit = self._max_prompt_chars
+        if limit is not None and chars > limit:  # surely too long: refused without tokenizing it
+            from dspark.core.engine import ContextLengthError
+
+            raise ContextLengthError(
+                f"the prompt has {chars} characters, more than this deployment's max_context of "
+                f"{self.decoder.verifier.max_context} tokens can hold (prompt + output): shorten the prompt"
+            )
         return encode_prompt(self.tokenizer, prompt or messages)
+
+    @functools.cached_property
+    def _max_prompt_chars(self) -> int | None:
+        """The most characters a prompt under max_context tokens can have: no token stands for more characters than
+        its vocabulary entry has (byte-level BPE: one character a byte), so a longer text has too many tokens and is
+        refused before tokenizing it (a 10 MB prompt would take seconds). None: the tokenizer has no vocabulary."""
+        vocab = getattr(self.tokenizer, "get_vocab", None)
+        if vocab is None:
+            return None
+        longest = max((len(t) for t in vocab()), default=0)
+        return longest * self.decoder.verifier.max_context if longest else None
 
     def sampling_params(self, n: int, max_tokens: int | None, temperature, top_p, top_k, seed, ignore_eos=False):
         if not 1 <= n <= 16:
