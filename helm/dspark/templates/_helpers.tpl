@@ -198,9 +198,9 @@ strategy:
     maxSurge: 1
 {{- end }}
 
-{{/* the router's address of a tier: (dict "root" $ "component" "verifier" "port" 50061) */}}
+{{/* the router's address of a tier: (dict "root" $ "component" "verifier" "port" 50061 "discovery" "env"|"dns") */}}
 {{- define "dspark.tierAddress" -}}
-{{- if eq .root.Values.router.discovery "dns" -}}
+{{- if eq .discovery "dns" -}}
 {{ include "dspark.componentName" . }}.{{ .root.Release.Namespace }}.svc.{{ .root.Values.router.clusterDomain }}:{{ .port }}
 {{- else -}}
 ${ {{- include "dspark.envPrefix" . }}_SERVICE_HOST}:${ {{- include "dspark.envPrefix" . }}_SERVICE_PORT_GRPC}
@@ -214,4 +214,45 @@ ${ {{- include "dspark.envPrefix" . }}_SERVICE_HOST}:${ {{- include "dspark.envP
 {{/* "true" when the KubeRay RayService replaces the router Deployment */}}
 {{- define "dspark.rayServiceRendered" -}}
 {{- if and .Values.router.rayService.enabled (.Capabilities.APIVersions.Has "ray.io/v1/RayService") }}true{{ end }}
+{{- end }}
+
+{{/* The Ray Serve config of the router: (dict "root" $ "discovery" "env"|"dns") */}}
+{{- define "dspark.serveConfig" -}}
+{{- $v := .root.Values.router -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ $v.httpPort }}
+grpc_options:
+  port: {{ $v.port }}
+  grpc_servicer_functions:
+    - dspark.v1.generation_pb2_grpc.add_GenerationServiceServicer_to_server
+applications:
+  - name: dspark
+    route_prefix: /
+    import_path: dspark.router.app:app_builder
+    args:
+      verifier: {{ include "dspark.tierAddress" (dict "root" $.root "component" "verifier" "port" $.root.Values.verifier.port "discovery" $.discovery) | quote }}
+      {{- if $.root.Values.draft.enabled }}
+      draft: {{ include "dspark.tierAddress" (dict "root" $.root "component" "draft" "port" $.root.Values.draft.port "discovery" $.discovery) | quote }}
+      {{- else }}
+      draft: null
+      {{- end }}
+      model: {{ $.root.Values.model.name | quote }}
+      policy: {{ $v.policy | quote }}
+      max_tokens: {{ $v.maxTokens }}
+      max_queue: {{ $v.maxQueue }}
+      verifier_recover_s: {{ $v.verifierRecoverSeconds }}
+      draft_retry_s: {{ $v.draftRetrySeconds }}
+    deployments:
+      - name: DSparkRouter
+        max_ongoing_requests: {{ $v.serve.maxOngoingRequests }}
+        autoscaling_config:
+          min_replicas: {{ $v.serve.autoscaling.minReplicas }}
+          max_replicas: {{ $v.serve.autoscaling.maxReplicas }}
+          target_ongoing_requests: {{ $v.serve.autoscaling.targetOngoingRequests }}
+          upscale_delay_s: {{ $v.serve.autoscaling.upscaleDelaySeconds }}
+          downscale_delay_s: {{ $v.serve.autoscaling.downscaleDelaySeconds }}
+        ray_actor_options:
+          num_cpus: {{ $v.serve.numCpus }}
 {{- end }}

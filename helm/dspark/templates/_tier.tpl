@@ -127,3 +127,32 @@ spec:
     matchLabels: {{- include "dspark.selectorLabels" $ctx | nindent 6 }}
 {{- end }}
 {{- end }}
+
+{{/* default deny for a tier: only router pods reach its gRPC port, only the monitoring namespace its metrics */}}
+{{- define "dspark.tierNetworkPolicy" -}}
+{{- if .root.Values.networkPolicy.enabled }}
+{{- $c := index .root.Values .component }}
+{{- $ctx := dict "root" .root "component" .component }}
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ include "dspark.componentName" $ctx }}
+  labels: {{- include "dspark.labels" $ctx | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels: {{- include "dspark.selectorLabels" $ctx | nindent 6 }}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector:
+            matchLabels: {{- include "dspark.selectorLabels" (dict "root" .root "component" "router") | nindent 14 }}
+      ports:
+        - port: grpc
+    {{- if $c.metricsPort }}
+    - from:
+        - namespaceSelector: {{- toYaml .root.Values.networkPolicy.monitoringNamespaceSelector | nindent 12 }}
+      ports:
+        - port: metrics
+    {{- end }}
+{{- end }}
+{{- end }}
