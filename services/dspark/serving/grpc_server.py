@@ -91,7 +91,7 @@ async def call(
         f"dspark.{method}", context=parent, kind=SpanKind.SERVER, attributes=attrs
     ) as span:
         try:
-            return await _call_locked(context, lock, fn, msg)
+            return await _call_locked(context, lock, fn, msg, service=service)
         finally:
             metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - t)
             metrics.RPC_BATCH.labels(service, method).observe(batch)
@@ -122,13 +122,17 @@ class CoreServicer:
         return self.core.info()
 
 
-async def _call_locked(context, lock: asyncio.Lock, fn, *args) -> Any:
+async def _call_locked(context, lock: asyncio.Lock, fn, *args, service: str = "") -> Any:
     remaining = context.time_remaining()
+    waiting = metrics.RPC_WAITING.labels(service)
+    waiting.inc()  # the service's queue depth: calls waiting for the model
     try:
         async with asyncio.timeout(remaining):
             await lock.acquire()
     except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while queued for the model")
+    finally:
+        waiting.dec()
     work = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(MODEL_THREAD, fn, *args))
     try:
         result = await asyncio.shield(work)

@@ -9,6 +9,14 @@ Derived rates (PromQL):
     acceptance rate      rate(dspark_accepted_tokens_total[1m]) / rate(dspark_budget_tokens_total[1m])
     tokens per round     1 + rate(dspark_accepted_tokens_total[1m]) / rate(dspark_verified_requests_total[1m])
     budget pruned        1 - rate(dspark_budget_tokens_total[1m]) / rate(dspark_draft_tokens_total[1m])
+    emitted tokens/s     rate(dspark_emitted_tokens_total[1m])  (= tau x verified request-rounds per second)
+    session usage        dspark_sessions / dspark_max_sessions  (per verifier or draft pod)
+    KV usage             dspark_verifier_kv_tokens / dspark_verifier_kv_capacity_tokens
+
+What the autoscalers read (helm/dspark: HPA, KEDA, prometheus-adapter rules), per pod: the verifier's calls waiting
+for its model (dspark_rpc_waiting{service="verifier"}), its sessions and KV usage; the draft service's sessions and
+Draft call latency (dspark_rpc_seconds{service="draft"}); the router's queue (dspark_queue_depth) and requests
+decoding (dspark_running_requests), and per replica of each tier what it was given (dspark_replica_requests_total).
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ REQUEST_TAU = Histogram("dspark_request_tau", "tokens per round of finished requ
 REQUEST_BUDGET = Histogram(
     "dspark_request_budget_tokens", "verification budget of finished requests", buckets=(0, 8, 32, 128, 512, 2048)
 )
+EMITTED_TOKENS = Counter(
+    "dspark_emitted_tokens_total", "tokens verified rounds emitted (accepted + the bonus or corrected token)"
+)
+REPLICAS = Gauge("dspark_replicas", "verifier or draft replicas in the router's pool", ["tier"])
+REPLICA_REQUESTS = Counter(
+    "dspark_replica_requests_total", "requests pinned to each verifier or draft replica", ["tier", "replica"]
+)
+REPLICA_SESSIONS = Gauge("dspark_replica_sessions", "this router's sessions on each replica", ["tier", "replica"])
 QUEUE_DEPTH = Gauge("dspark_queue_depth", "requests waiting for a verifier session")
 RUNNING = Gauge("dspark_running_requests", "requests decoding")
 DRAFT_FALLBACK = Counter("dspark_draft_fallback_rounds_total", "rounds decoded without drafts (draft service down)")
@@ -50,7 +66,9 @@ RPC_SECONDS = Histogram("dspark_rpc_seconds", "service call latency", ["service"
 RPC_BATCH = Histogram(
     "dspark_rpc_batch_requests", "requests per service call", ["service", "method"], buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+RPC_WAITING = Gauge("dspark_rpc_waiting", "calls queued for the service's model (one runs at a time)", ["service"])
 SESSIONS = Gauge("dspark_sessions", "open sessions", ["service"])
+MAX_SESSIONS = Gauge("dspark_max_sessions", "sessions the service holds at most", ["service"])
 KV_TOKENS = Gauge("dspark_verifier_kv_tokens", "tokens held in the verifier's KV cache")
 KV_CAPACITY = Gauge("dspark_verifier_kv_capacity_tokens", "tokens the verifier's KV cache can hold")
 
@@ -113,6 +131,7 @@ def record_round(r: RoundStats, total_s: float) -> None:
     DRAFT_TOKENS.inc(r.drafted)
     BUDGET_TOKENS.inc(r.budget)
     ACCEPTED_TOKENS.inc(r.accepted)
+    EMITTED_TOKENS.inc(r.batch + r.accepted)
     for i, n in enumerate(r.accepted_per_position):
         ACCEPTED_AT.labels(position=str(i + 1)).inc(n)
     BATCH_REQUESTS.observe(r.batch)
@@ -120,6 +139,20 @@ def record_round(r: RoundStats, total_s: float) -> None:
     ROUND_SECONDS.labels(phase="verify").observe(r.verify_s)
     ROUND_SECONDS.labels(phase="other").observe(max(0.0, total_s - r.draft_s - r.verify_s))
     ROUND_SECONDS.labels(phase="total").observe(total_s)
+
+
+def record_replica_sessions(tier: str, sessions: dict[str, int]) -> None:
+    for replica, n in sessions.items():
+        REPLICA_SESSIONS.labels(tier=tier, replica=replica).set(n)
+
+
+def forget_replica(tier: str, replica: str) -> None:
+    """A replica left the pool: its per-replica series go (its counter's total stays in Prometheus' history)."""
+    for m in (REPLICA_SESSIONS, REPLICA_REQUESTS):
+        try:
+            m.remove(tier, replica)
+        except KeyError:
+            pass
 
 
 def record_finished(completion) -> None:

@@ -132,6 +132,7 @@ class VerifierCore:
     def observe(self) -> None:
         """Export the session and KV cache gauges."""
         metrics.SESSIONS.labels("verifier").set(self.sessions)
+        metrics.MAX_SESSIONS.labels("verifier").set(self.engine.config.max_requests)
         metrics.KV_TOKENS.set(sum(self.engine.length(s) for s in self._last_used))
         metrics.KV_CAPACITY.set(self.engine.config.max_requests * self.engine.config.max_context)
 
