@@ -24,6 +24,7 @@ from opentelemetry.trace import Link
 from dspark.core.decoding import Completion, Decoder
 from dspark.core.engine import CapacityError
 from dspark.core.sampling import SamplingParams
+from dspark.router.discovery import DISCOVERY_WAIT_S, EndpointsWatch, is_discovered, service_ref
 from dspark.serving import metrics, telemetry
 from dspark.serving.metrics import InstrumentedProposer, InstrumentedVerifier, RoundStats
 
@@ -32,8 +33,9 @@ log = logging.getLogger("dspark.router.loop")
 
 @dataclass(frozen=True)
 class RouterConfig:
-    verifier: str = "127.0.0.1:50061"  # verifier service host:port (comma-separated: replicas)
-    draft: str | None = "127.0.0.1:50062"  # draft service host:port (comma-separated: replicas); None = plain
+    # verifier service host:port (comma-separated: replicas; k8s://[namespace/]service[:port]: the Service's endpoints)
+    verifier: str = "127.0.0.1:50061"
+    draft: str | None = "127.0.0.1:50062"  # draft service, the same forms; None = plain decoding
     model: str | None = None  # tokenizer (registry name or folder); None = the verifier's model
     policy: str = "dspark"  # verification policy; requests may override it
     num_draft: int | None = None  # draft tokens per round; None = the drafter's block size gamma
@@ -68,6 +70,9 @@ class _Choice:
 class Router:
     def __init__(self, config: RouterConfig, tokenizer=None, decoder: Decoder | None = None):
         self.config = config
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._watches: list = []  # discovery.EndpointsWatch of each tier found through Kubernetes
         if decoder is None:
             decoder = self._build_decoder(config)
         decoder.verifier = InstrumentedVerifier(decoder.verifier)
@@ -75,46 +80,105 @@ class Router:
             decoder.proposer = InstrumentedProposer(decoder.proposer)
         self.decoder = decoder
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sent: dict[str, int] = {}
         self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (the parent of its round spans)
         self._pending = 0  # submitted, not finished (changed by both threads, under _lock)
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="dspark-decode-loop", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _build_decoder(config: RouterConfig) -> Decoder:
-        """Comma-separated addresses make a pool of replicas (requests pinned to one of each)."""
+    def _build_decoder(self, config: RouterConfig) -> Decoder:
+        """Comma-separated addresses make a pool of replicas (requests pinned to one of each); a `k8s://` address
+        (discovery.py) makes a pool that follows the Service's ready endpoints."""
         from dspark.router.pool import ProposerPool, VerifierPool
         from dspark.router.remote import RemoteProposer, RemoteVerifier
 
-        addresses = [x.strip() for x in config.verifier.split(",") if x.strip()]
-        if len(addresses) == 1:
-            verifier = RemoteVerifier(addresses[0], recover_s=config.verifier_recover_s)
-        else:  # fail over quickly: the other replicas can take the sessions
-            recover = min(config.verifier_recover_s, 5.0)
-            verifier = VerifierPool([RemoteVerifier(a, recover_s=recover) for a in addresses])
+        recover = min(config.verifier_recover_s, 5.0)  # with replicas, fail over quickly: the others take the sessions
+        if is_discovered(config.verifier):
+            verifier = VerifierPool(
+                self._follow("verifier", config.verifier, lambda a: RemoteVerifier(a, recover_s=recover))
+            )
+        else:
+            addresses = [x.strip() for x in config.verifier.split(",") if x.strip()]
+            if len(addresses) == 1:
+                verifier = RemoteVerifier(addresses[0], recover_s=config.verifier_recover_s)
+            else:
+                verifier = VerifierPool([RemoteVerifier(a, recover_s=recover) for a in addresses])
         proposer, k = None, 0
-        drafts = [x.strip() for x in (config.draft or "").split(",") if x.strip()]
-        if drafts:
-            remote = [
-                RemoteProposer(
-                    a, verifier.vocab_size, retry_after_s=config.draft_retry_s, features_of=verifier.refeature
-                )
-                for a in drafts
-            ]
-            proposer = remote[0] if len(remote) == 1 else ProposerPool(remote)
+
+        def remote_proposer(address: str) -> RemoteProposer:
+            return RemoteProposer(
+                address, verifier.vocab_size, retry_after_s=config.draft_retry_s, features_of=verifier.refeature
+            )
+
+        if is_discovered(config.draft):
+
+            def joined(address: str) -> RemoteProposer:
+                p = remote_proposer(address)
+                p.info(timeout_s=30.0)  # gamma and its cost table, before it takes sessions
+                return p
+
+            proposer = ProposerPool(self._follow("draft", config.draft, joined))
+        else:
+            drafts = [x.strip() for x in (config.draft or "").split(",") if x.strip()]
+            if drafts:
+                remote = [remote_proposer(a) for a in drafts]
+                proposer = remote[0] if len(remote) == 1 else ProposerPool(remote)
+        if proposer is not None:
             info = proposer.info(timeout_s=30.0)
             if info is None and config.num_draft is None:
                 raise ConnectionError(f"draft service {config.draft} is unreachable and --num-draft is not set")
             k = config.num_draft or info.gamma
         policy = config.policy if proposer is not None else "autoregressive"
         return Decoder(verifier, proposer, k, verifier.eos_token_ids, policy=policy, threshold=config.threshold)
+
+    def _follow(self, tier: str, address: str, connect) -> list:
+        """Start watching a tier's Service; the replicas ready now (waited for, up to DISCOVERY_WAIT_S). Later joins
+        are connected on the watch thread (Info: the SPS table, the draft cost) and handed to the decode loop with
+        the leaves, which applies them between rounds (VerifierPool/ProposerPool add and remove)."""
+        lock = threading.Lock()
+        applied: set[str] = set()  # the addresses the pool has (or is being given)
+        started = threading.Event()
+
+        def on_change(_change) -> None:
+            with lock:
+                if not started.is_set():
+                    return
+                now = watch.membership.addresses
+                joined, left = sorted(now - applied), sorted(applied - now)
+                replicas = []
+                for a in joined:
+                    try:
+                        replicas.append(connect(a))
+                        applied.add(a)
+                    except Exception:  # noqa: BLE001 - not answering yet: taken at the tier's next change
+                        log.exception("%s replica %s is ready but could not be connected", tier, a)
+                applied.difference_update(left)
+            if replicas or left:
+                self._inbox.put(("replicas", tier, replicas, left))
+                self._wake.set()
+
+        watch = EndpointsWatch(service_ref(address), on_change)
+        self._watches.append(watch.start())
+        watch.wait_ready(DISCOVERY_WAIT_S)
+        with lock:  # changes from here on wait, then come out as the difference to what the pool starts with
+            first = sorted(watch.membership.addresses)
+            replicas = [connect(a) for a in first]
+            applied.update(first)
+            started.set()
+        log.info("%s replicas behind %s: %s", tier, watch.ref, first)
+        return replicas
+
+    def _apply_replicas(self, tier: str, joined: list, left: list[str]) -> None:
+        part = self.decoder.verifier if tier == "verifier" else self.decoder.proposer
+        pool = getattr(part, "inner", part)
+        for r in joined:
+            pool.add(r)
+        for address in left:
+            pool.remove(address)
 
     def _load_tokenizer(self, config: RouterConfig):
         from dspark.models.model_store import load_tokenizer
@@ -308,6 +372,8 @@ class Router:
                 c = self.decoder.abort(msg[1])
                 if c is not None:
                     self._finish(msg[1], ([], c))
+            elif msg[0] == "replicas":
+                self._apply_replicas(*msg[1:])
 
     def _loop(self) -> None:
         while not self._stop:
@@ -336,6 +402,9 @@ class Router:
                 self._finish(c.request_id, (c.token_ids[n:], c))
             metrics.QUEUE_DEPTH.set(self.decoder.waiting)
             metrics.RUNNING.set(self.decoder.running)
+            for tier, part in (("verifier", self.decoder.verifier), ("draft", self.decoder.proposer)):
+                if hasattr(getattr(part, "inner", None), "sessions"):
+                    metrics.record_replica_sessions(tier, part.inner.sessions())
 
     def _round(self) -> list[Completion]:
         """One decoder step, traced twice: a dspark.batch span linked to the requests it carries, and a dspark.round
@@ -394,6 +463,8 @@ class Router:
         return finished
 
     def close(self) -> None:
+        for w in self._watches:
+            w.stop()
         self._stop = True
         self._wake.set()
         self._thread.join(10)

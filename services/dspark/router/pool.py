@@ -9,6 +9,11 @@ verifier, RemoteProposer's features_of).
 
 The decode loop prices each replica's share of a round with that replica's own SPS table (`replica_of`, `sps_of`):
 the load a replica sees is the requests pinned to it, and replicas on different hardware have different tables.
+
+Replicas come and go while the loop runs (discovery.py follows a Kubernetes Service): `add` takes a replica that became
+ready (new requests go to it first, it has the most free sessions), `remove` one that left: its sessions are moved
+like a lost replica's (verifier: prefilled again elsewhere from history; draft: reopened on another replica), so no
+request fails. The last replica of a pool stays until another one joins. Both run on the decode loop's thread.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dspark.core.proposer import DraftRequest, Proposal
 from dspark.core.scheduler import SpsTable
 from dspark.core.verifier import Prefilled, PrefillItem, Verified, VerifyItem
 from dspark.router.remote import RemoteProposer, RemoteVerifier
+from dspark.serving import metrics
 
 log = logging.getLogger("dspark.router.pool")
 
@@ -34,27 +40,85 @@ def _submit(threads: ThreadPoolExecutor, fn, arg) -> Future:
     return threads.submit(contextvars.copy_context().run, fn, arg)
 
 
+_MAX_THREADS = 64  # calls in flight per round: one per replica (threads are started as needed)
+
+
 class VerifierPool:
     def __init__(self, replicas: list[RemoteVerifier]):
         if not replicas:
             raise ValueError("a verifier pool needs at least one replica")
         first = replicas[0]
         for r in replicas[1:]:
-            same = (r.vocab_size, r.max_context, r.feature_layers) == (
-                first.vocab_size,
-                first.max_context,
-                first.feature_layers,
-            )
-            if not same:
-                raise ValueError(f"verifier {r.address} does not serve the same model setup as {first.address}")
+            self._check_same(r, first)
         self.replicas = list(replicas)
         self.model, self.vocab_size, self.max_context = first.model, first.vocab_size, first.max_context
         self.eos_token_ids, self.feature_layers, self.device = first.eos_token_ids, first.feature_layers, first.device
         # the table of a replica that has none of its own (and what says the pool can run dspark at all)
         self.sps = next((r.sps for r in replicas if r.sps is not None), None)
         self._pin: dict[str, RemoteVerifier] = {}
-        self._threads = ThreadPoolExecutor(max_workers=len(replicas), thread_name_prefix="dspark-verify")
-        self.failovers = 0  # sessions moved off a lost replica
+        self._threads = ThreadPoolExecutor(max_workers=_MAX_THREADS, thread_name_prefix="dspark-verify")
+        self.failovers = 0  # sessions moved off a lost or leaving replica
+        self._leaving: set[str] = set()  # removed while it was the last replica: goes when another one joins
+        metrics.REPLICAS.labels(tier="verifier").set(len(self.replicas))
+
+    @staticmethod
+    def _check_same(r: RemoteVerifier, first: RemoteVerifier) -> None:
+        same = (r.vocab_size, r.max_context, r.feature_layers) == (
+            first.vocab_size,
+            first.max_context,
+            first.feature_layers,
+        )
+        if not same:
+            raise ValueError(f"verifier {r.address} does not serve the same model setup as {first.address}")
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self.replicas]
+
+    def sessions(self) -> dict[str, int]:
+        """Sessions this router holds per replica: the load the scheduler prices each replica with."""
+        return {r.address: len(r._history) for r in self.replicas}
+
+    def add(self, replica: RemoteVerifier) -> bool:
+        """A replica that became ready joins (False: already here, or a different model setup, and it is closed)."""
+        if replica.address in self.addresses:
+            replica.close()
+            return False
+        try:
+            self._check_same(replica, self.replicas[0])
+        except ValueError:
+            log.exception("not adding verifier %s", replica.address)
+            replica.close()
+            return False
+        self.replicas.append(replica)
+        if self.sps is None:
+            self.sps = replica.sps
+        log.info("verifier %s joined the pool (%d replicas)", replica.address, len(self.replicas))
+        metrics.REPLICAS.labels(tier="verifier").set(len(self.replicas))
+        for address in list(self._leaving):
+            self._leaving.discard(address)
+            self.remove(address)
+        return True
+
+    def remove(self, address: str) -> bool:
+        """A replica that left (its pod is terminating or gone): its sessions are prefilled again on the others from
+        the router's history, then it is released and closed. The last replica stays until another one joins."""
+        r = next((x for x in self.replicas if x.address == address), None)
+        if r is None:
+            return False
+        if len(self.replicas) == 1:
+            log.warning("verifier %s left but it is the last replica; keeping it until another one joins", address)
+            self._leaving.add(address)
+            return False
+        self.replicas.remove(r)
+        moved = [rid for rid, x in self._pin.items() if x is r]
+        self._rehome(r, moved)
+        r.release_sessions(moved)  # the leaving pod is draining: free its sessions now (the TTL would, later)
+        r.close()
+        metrics.REPLICAS.labels(tier="verifier").set(len(self.replicas))
+        metrics.forget_replica("verifier", address)
+        log.info("verifier %s left the pool; %d session(s) moved", address, len(moved))
+        return True
 
     @property
     def max_sessions(self) -> int:
@@ -94,13 +158,18 @@ class VerifierPool:
         return out, lost
 
     def prefill(self, items: list[PrefillItem]) -> list[Prefilled]:
-        free = {r: r.free_slots for r in self.replicas}
+        open_ = [r for r in self.replicas if r.address not in self._leaving] or self.replicas
+        free = {r: r.free_slots for r in open_}
         for it in items:
-            best = max(self.replicas, key=lambda r: free[r])
+            best = max(open_, key=lambda r: free[r])
             if free[best] <= 0:
                 raise CapacityError(f"all {len(self.replicas)} verifier replicas are full")
             free[best] -= 1
             self._pin[it.request_id] = best
+        for r in open_:
+            n = sum(1 for it in items if self._pin[it.request_id] is r and not it.restore)
+            if n:
+                metrics.REPLICA_REQUESTS.labels(tier="verifier", replica=r.address).inc(n)
         out, lost = self._fan_out("prefill", items, self._groups(items))
         if lost:  # the whole admission is retried next round, on the replicas left
             for r in lost:
@@ -135,6 +204,9 @@ class VerifierPool:
     def _move(self, lost: RemoteVerifier, request_ids: list[str]) -> None:
         """Prefill the lost replica's sessions again on the others, from the history the router holds."""
         self._drop(lost)
+        self._rehome(lost, request_ids)
+
+    def _rehome(self, lost: RemoteVerifier, request_ids: list[str]) -> None:
         for rid in request_ids:
             history, params = lost._history.pop(rid), lost._params.pop(rid)
             target = max(self.replicas, key=lambda r: r.free_slots)
@@ -169,7 +241,55 @@ class ProposerPool:
         self.vocab_size = replicas[0].vocab_size
         self._pin: dict[str, RemoteProposer] = {}
         self._load = {r: 0 for r in replicas}
-        self._threads = ThreadPoolExecutor(max_workers=len(replicas), thread_name_prefix="dspark-draft")
+        self._threads = ThreadPoolExecutor(max_workers=_MAX_THREADS, thread_name_prefix="dspark-draft")
+        self._leaving: set[str] = set()
+        self.moved = 0  # sessions moved off a leaving replica
+        metrics.REPLICAS.labels(tier="draft").set(len(self.replicas))
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self.replicas]
+
+    def sessions(self) -> dict[str, int]:
+        return {r.address: self._load[r] for r in self.replicas}
+
+    def add(self, replica: RemoteProposer) -> bool:
+        """A draft replica that became ready (its Info already fetched: gamma, cost table) joins; new and moved
+        sessions go to the least loaded replica, so it takes them first."""
+        if replica.address in self.addresses:
+            replica.close()
+            return False
+        self.replicas.append(replica)
+        self._load[replica] = 0
+        log.info("draft service %s joined the pool (%d replicas)", replica.address, len(self.replicas))
+        metrics.REPLICAS.labels(tier="draft").set(len(self.replicas))
+        for address in list(self._leaving):
+            self._leaving.discard(address)
+            self.remove(address)
+        return True
+
+    def remove(self, address: str) -> bool:
+        """A draft replica that left: its sessions are reopened on the others at their next draft (the features
+        recomputed by the verifier); the last replica stays until another one joins."""
+        p = next((x for x in self.replicas if x.address == address), None)
+        if p is None:
+            return False
+        if len(self.replicas) == 1:
+            log.warning("draft service %s left but it is the last replica; keeping it until another joins", address)
+            self._leaving.add(address)
+            return False
+        self.replicas.remove(p)
+        moved = [rid for rid, x in self._pin.items() if x is p]
+        for rid in moved:
+            del self._pin[rid]
+            p.release(rid)
+        self._load.pop(p, None)
+        self.moved += len(moved)
+        p.close()
+        metrics.REPLICAS.labels(tier="draft").set(len(self.replicas))
+        metrics.forget_replica("draft", address)
+        log.info("draft service %s left the pool; %d session(s) move", address, len(moved))
+        return True
 
     @property
     def failures(self) -> int:
@@ -196,7 +316,7 @@ class ProposerPool:
         cur = self._pin.get(rid)
         if cur is not None and self._up(cur):
             return cur
-        live = [r for r in self.replicas if self._up(r)] or self.replicas
+        live = [r for r in self.replicas if self._up(r) and r.address not in self._leaving] or self.replicas
         best = min(live, key=lambda r: self._load[r])
         if cur is not None and best is not cur:  # move: the new replica reopens it (features from the verifier)
             cur._sent.pop(rid, None)
@@ -204,6 +324,8 @@ class ProposerPool:
         if best is not cur:
             self._pin[rid] = best
             self._load[best] += 1
+            if cur is None:
+                metrics.REPLICA_REQUESTS.labels(tier="draft", replica=best.address).inc()
         return best
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:

@@ -200,6 +200,15 @@ class RemoteVerifier:
             self._params.pop(request_id, None)
             _release(self.stub, request_id, self.timeout_s, self._releasing)
 
+    def release_sessions(self, session_ids: list[str]) -> None:
+        """Free sessions another replica took over (their history already moved), in one call that is waited for
+        briefly: the channel is closed next."""
+        if session_ids:
+            try:
+                self.stub.Release(vpb.ReleaseInput(session_ids=session_ids), timeout=min(2.0, self.timeout_s))
+            except grpc.RpcError as e:  # gone already: its sessions went with it
+                log.info("verifier %s: releasing moved sessions failed (%s)", self.address, e.code().name)
+
     def close(self) -> None:
         self.channel.close()
 
