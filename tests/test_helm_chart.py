@@ -450,7 +450,7 @@ def test_the_readme_values_table_matches_values_yaml():
 
 def test_templates_are_named_kind_dash_component():
     kinds = r"(deployment|service|configmap|secret|serviceaccount|poddisruptionbudget|networkpolicy|servicemonitor"
-    kinds += r"|podmonitor|prometheusrule|rayservice|ingress)"
+    kinds += r"|podmonitor|prometheusrule|rayservice|ingress|hpa|scaledobject|rbac)"
     for path in (CHART / "templates").glob("*.yaml"):
         assert re.fullmatch(kinds + r"(-[a-z]+)?\.yaml", path.name), path.name
     assert os.path.exists(CHART / "templates" / "_helpers.tpl")

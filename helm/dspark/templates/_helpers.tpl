@@ -171,14 +171,26 @@ exec:
     sizeLimit: {{ .Values.tmpSizeLimit }}
 {{- end }}
 
-{{/* what every pod spec starts with */}}
+{{/* what every pod spec starts with; router pods with discovery `kubernetes` use the router's ServiceAccount and
+mount its token (the only pods that talk to the API server) */}}
 {{- define "dspark.podCommon" -}}
+{{- if .routerDiscovery }}
+{{- $root := .root }}
+serviceAccountName: {{ include "dspark.componentName" (dict "root" $root "component" "router") }}
+automountServiceAccountToken: true
+enableServiceLinks: true
+securityContext: {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- else }}
 serviceAccountName: {{ include "dspark.serviceAccountName" . }}
 automountServiceAccountToken: false
 enableServiceLinks: true
 securityContext: {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -200,7 +212,9 @@ strategy:
 
 {{/* the router's address of a tier: (dict "root" $ "component" "verifier" "port" 50061 "discovery" "env"|"dns") */}}
 {{- define "dspark.tierAddress" -}}
-{{- if eq .discovery "dns" -}}
+{{- if eq .discovery "kubernetes" -}}
+k8s://{{ .root.Release.Namespace }}/{{ include "dspark.componentName" . }}-headless:grpc
+{{- else if eq .discovery "dns" -}}
 {{ include "dspark.componentName" . }}.{{ .root.Release.Namespace }}.svc.{{ .root.Values.router.clusterDomain }}:{{ .port }}
 {{- else -}}
 ${ {{- include "dspark.envPrefix" . }}_SERVICE_HOST}:${ {{- include "dspark.envPrefix" . }}_SERVICE_PORT_GRPC}

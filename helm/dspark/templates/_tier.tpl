@@ -10,7 +10,9 @@ metadata:
   name: {{ include "dspark.componentName" $ctx }}
   labels: {{- include "dspark.labels" $ctx | nindent 4 }}
 spec:
+  {{- if not $c.autoscaling.enabled }}
   replicas: {{ $c.replicaCount }}
+  {{- end }}
   {{- include "dspark.strategy" $root | nindent 2 }}
   selector:
     matchLabels: {{- include "dspark.selectorLabels" $ctx | nindent 6 }}
