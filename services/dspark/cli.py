@@ -554,9 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--verifier",
         default=_env("VERIFIER", "127.0.0.1:50061"),
-        help="verifier host:port; comma-separated for replicas",
+        help="verifier host:port; comma-separated for replicas; k8s://[namespace/]service[:port]: every ready pod",
     )
-    r.add_argument("--draft", default=_env("DRAFT", "127.0.0.1:50062"), help="draft host:port[,...] ('' = none)")
+    r.add_argument(
+        "--draft", default=_env("DRAFT", "127.0.0.1:50062"), help="draft host:port[,...] or k8s://... ('' = none)"
+    )
     r.add_argument("--model", default=_env("MODEL"), help="tokenizer (default: the verifier's model)")
     r.add_argument("--policy", default=_env("POLICY", "dspark"), choices=POLICIES)
     r.add_argument("--num-draft", type=int, default=None, help="draft tokens per round (default: drafter's gamma)")
