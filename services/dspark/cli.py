@@ -147,7 +147,12 @@ def _generate_remote(a) -> int:
 
 
 def _env(name: str, default=None):
-    return os.environ.get(f"DSPARK_{name}", default)
+    value = os.environ.get(f"DSPARK_{name}", default)
+    # Kubernetes gives every pod <SERVICE>_PORT=tcp://IP:PORT for each Service of its namespace: with a release named
+    # dspark the Service dspark-verifier sets DSPARK_VERIFIER_PORT to such a link, which is not a port of ours
+    if name.endswith("PORT") and isinstance(value, str) and value.startswith(("tcp://", "udp://", "sctp://")):
+        return default
+    return value
 
 
 def _server_config(a):
