@@ -200,8 +200,8 @@ def services(bg, target_model):
     """start(kind) -> a verifier or draft Service on a free port; all stopped at the end."""
     started = []
 
-    def start(kind: str):
-        core = make_verifier_core(target_model) if kind == "verifier" else make_draft_core(target_model)
+    def start(kind: str, max_requests: int = 16):
+        core = make_verifier_core(target_model, max_requests) if kind == "verifier" else make_draft_core(target_model)
         s = bg.run(start_verifier(core) if kind == "verifier" else start_draft(core))
         started.append(s)
         return s
@@ -257,6 +257,37 @@ def test_a_verifier_that_joins_takes_new_requests_and_one_that_leaves_hands_its_
     out = [done[i] for i in first + late]
     assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
     assert pinned("verifier", addr(v2)) - before == 2
+
+
+def test_a_leaving_verifier_keeps_its_sessions_until_the_others_have_room(services, target_model):
+    """Three sessions on the leaving replica, two free on the other: it takes no new request and keeps decoding its
+    own until one has finished, then the other two move; every output is still plain greedy."""
+    v1, v2 = services("verifier"), services("verifier", max_requests=2)
+    pool = VerifierPool([RemoteVerifier(addr(v1), connect_s=10)])
+    dec = Decoder(pool, None, num_draft=0, policy="autoregressive")
+    lengths = [3, 14, 14]
+    ids = [
+        dec.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        for p, n in zip(PROMPTS, lengths)
+    ]
+    done = {}
+    done.update((c.request_id, c) for c in dec.step())
+    assert pool.add(RemoteVerifier(addr(v2), connect_s=10))
+    assert not pool.remove(addr(v1))  # 3 sessions, room for 2: it stays, leaving
+    assert pool.free_slots == 2  # only the other replica's
+    late = dec.add_request(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    done.update((c.request_id, c) for c in dec.step())
+    assert pool.replica_of(late) == addr(v2)  # not pinned to the leaving one
+    while pool.addresses != [addr(v2)]:
+        done.update((c.request_id, c) for c in dec.step())
+    assert ids[0] in done and pool.failovers == 2  # the short one finished there, then the other two moved
+    while dec.has_work:
+        done.update((c.request_id, c) for c in dec.step())
+    want = [
+        plain_greedy(target_model, [p], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+        for p, n in zip(PROMPTS, lengths + [4])
+    ]
+    assert [done[i].token_ids for i in ids + [late]] == want
 
 
 def test_the_scheduler_prices_a_busy_verifier_replica_with_its_own_load(services):

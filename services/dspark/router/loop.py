@@ -176,9 +176,15 @@ class Router:
         part = self.decoder.verifier if tier == "verifier" else self.decoder.proposer
         pool = getattr(part, "inner", part)
         for r in joined:
-            pool.add(r)
+            try:
+                pool.add(r)
+            except Exception:  # noqa: BLE001 - a replica that cannot join must not stop the decode loop
+                log.exception("%s replica %s could not join", tier, r.address)
         for address in left:
-            pool.remove(address)
+            try:
+                pool.remove(address)
+            except Exception:  # noqa: BLE001 - its requests fail over when it is found unreachable instead
+                log.exception("%s replica %s could not leave cleanly", tier, address)
 
     def _load_tokenizer(self, config: RouterConfig):
         from dspark.models.model_store import load_tokenizer

@@ -58,7 +58,9 @@ class VerifierPool:
         self._pin: dict[str, RemoteVerifier] = {}
         self._threads = ThreadPoolExecutor(max_workers=_MAX_THREADS, thread_name_prefix="dspark-verify")
         self.failovers = 0  # sessions moved off a lost or leaving replica
-        self._leaving: set[str] = set()  # removed while it was the last replica: goes when another one joins
+        # replicas that left while they were the last one, or while the others had no room for their sessions: they
+        # take no new requests, and go when another one joins or the room is there (tried every round)
+        self._leaving: set[str] = set()
         metrics.REPLICAS.labels(tier="verifier").set(len(self.replicas))
 
     @staticmethod
@@ -110,8 +112,15 @@ class VerifierPool:
             log.warning("verifier %s left but it is the last replica; keeping it until another one joins", address)
             self._leaving.add(address)
             return False
-        self.replicas.remove(r)
         moved = [rid for rid, x in self._pin.items() if x is r]
+        room = sum(x.free_slots for x in self.replicas if x is not r and x.address not in self._leaving)
+        if room < len(moved):  # it keeps decoding them (it drains for a while) and takes no new ones; tried each round
+            if address not in self._leaving:
+                log.warning("verifier %s left; %d session(s) wait for room on the others", address, len(moved) - room)
+            self._leaving.add(address)
+            return False
+        self._leaving.discard(address)
+        self.replicas.remove(r)
         self._rehome(r, moved)
         r.release_sessions(moved)  # the leaving pod is draining: free its sessions now (the TTL would, later)
         r.close()
@@ -126,7 +135,12 @@ class VerifierPool:
 
     @property
     def free_slots(self) -> int:
-        return sum(r.free_slots for r in self.replicas)
+        """Sessions new requests can still get (not on a replica that is leaving)."""
+        return sum(r.free_slots for r in self._open())
+
+    def _open(self) -> list[RemoteVerifier]:
+        """The replicas that take new requests: all but those leaving (all of them, if every one is leaving)."""
+        return [r for r in self.replicas if r.address not in self._leaving] or self.replicas
 
     def replica_of(self, request_id: str) -> str:
         """The address of the replica a running request is pinned to."""
@@ -158,7 +172,7 @@ class VerifierPool:
         return out, lost
 
     def prefill(self, items: list[PrefillItem]) -> list[Prefilled]:
-        open_ = [r for r in self.replicas if r.address not in self._leaving] or self.replicas
+        open_ = self._open()
         free = {r: r.free_slots for r in open_}
         for it in items:
             best = max(open_, key=lambda r: free[r])
@@ -182,6 +196,9 @@ class VerifierPool:
         return out
 
     def verify(self, items: list[VerifyItem]) -> list[Verified]:
+        if self._leaving and len(self.replicas) > 1:  # replicas that left while the others had no room for theirs
+            for address in list(self._leaving):
+                self.remove(address)
         out, lost = self._fan_out("verify", items, self._groups(items))
         if not lost:
             return out
