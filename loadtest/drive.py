@@ -82,7 +82,7 @@ def target(a):
     from dspark.models.registry import DEFAULT_MODEL
     from dspark.stack.launcher import StackConfig, local_stack
 
-    cfg = StackConfig(
+    cfg = StackConfig(  # the SPS table under DSPARK_HOME (a restarted verifier reads it again: keep it there)
         EngineConfig(model=a.model or DEFAULT_MODEL, max_requests=a.max_requests, max_context=2048),
         policy="dspark",
         verifier_port=free_port(),
@@ -147,6 +147,7 @@ def run_loadtest(a) -> int:
     for p in report.write(rows, a.out, meta):
         progress(f"wrote {p}")
     print(report.markdown(rows))
+    print(report.side_by_side(rows))
     return 0 if all(r["failures"] == 0 for r in rows) else 1
 
 

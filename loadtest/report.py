@@ -114,6 +114,26 @@ def markdown(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(lines)
 
 
+SIDE_BY_SIDE = ("throughput_tok_s", "per_user_tok_s", "ttft_p50_ms", "tpot_p50_ms", "e2e_p99_ms", "goodput_rps")
+
+
+def side_by_side(rows: list[dict], columns=SIDE_BY_SIDE) -> str:
+    """One line per step, each policy's value of each column next to the others' (the policies compared)."""
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    steps = list(dict.fromkeys(r["step"] for r in rows))
+    by = {(r["policy"], r["step"]): r for r in rows}
+    head = ["step"] + [f"{c} {p}" for c in columns for p in policies]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step in steps:
+        cells = [step]
+        for c in columns:
+            for pol in policies:
+                v = by.get((pol, step), {}).get(c)
+                cells.append("" if v is None else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(rows: list[dict], out: Path, meta: dict, bad: dict | None = None) -> list[Path]:
     """summary.csv, summary.json, summary.md and the PNGs under out; the paths written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +147,8 @@ def write(rows: list[dict], out: Path, meta: dict, bad: dict | None = None) -> l
         paths[0].write_text("")
     paths[1].write_text(json.dumps({"meta": meta, "steps": rows, "bad_input": bad or {}}, indent=1))
     text = markdown(rows)
+    if len({r["policy"] for r in rows}) > 1:
+        text += "\n\n" + side_by_side(rows)
     if bad:
         text += "\n\nbad input (clear error / not):\n" + "\n".join(
             f"- {k}: {v['ok']} / {v['wrong']}" for k, v in bad.items()
