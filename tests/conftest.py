@@ -84,6 +84,17 @@ def real_model():
     return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def reference_model():
+    """(model, tokenizer) of the real default target exactly as transformers builds it, for references only: it is
+    never given to an engine, whose linear kernel (core/linear_kernel.py) rebuilds the projections of the model it
+    runs (`real_model`)."""
+    from dspark.models.model_store import load_model
+    from dspark.models.registry import DEFAULT_MODEL
+
+    return load_model(DEFAULT_MODEL, dtype="float32", device="cpu")
+
+
 class Background:
     """An asyncio loop in a thread, hosting grpc.aio servers while the test drives a client."""
 

@@ -33,8 +33,8 @@ def prompts(target):
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(target, prompts):
-    return transformers_greedy(target.model, prompts, MAX_NEW)
+def hf_greedy(reference_model, prompts):
+    return transformers_greedy(reference_model[0], prompts, MAX_NEW)
 
 
 def test_prompts_come_from_every_eval_set(prompts):
@@ -42,8 +42,18 @@ def test_prompts_come_from_every_eval_set(prompts):
 
 
 def test_plain_greedy_equals_transformers_generate(target, prompts, hf_greedy):
+    assert target.linear_kernel == "transposed"  # what CPU serving runs, against transformers' own nn.Linear
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     plain = Decoder(target, eos_token_ids=eos_token_ids(target.model, target.tokenizer)).generate(prompts, sp)
+    assert [c.token_ids for c in plain] == hf_greedy
+
+
+def test_torch_kernel_engine_equals_transformers_generate(reference_model, prompts, hf_greedy):
+    model, tok = reference_model
+    engine = TargetEngine(EngineConfig(max_requests=8, max_context=1024, linear_kernel="torch"), model, tok)
+    assert engine.linear_kernel == "torch" and type(model.lm_head) is torch.nn.Linear  # the reference stays as built
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+    plain = Decoder(engine, eos_token_ids=eos_token_ids(model, tok)).generate(prompts, sp)
     assert [c.token_ids for c in plain] == hf_greedy
 
 

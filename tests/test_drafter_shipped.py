@@ -52,11 +52,11 @@ def test_shipped_files_are_small_and_documented(shipped):
         assert needed.lower() in card.lower(), needed
 
 
-def test_greedy_is_exact_under_every_policy(real_model, drafter):
+def test_greedy_is_exact_under_every_policy(real_model, reference_model, drafter):
     model, tok = real_model
     texts = [t for name in EVAL_SETS for t in first_turns(name, limit=2)]  # 10 prompts
     prompts = [encode_prompt(tok, t)[-400:] for t in texts]
-    hf = transformers_greedy(model, prompts, MAX_NEW)
+    hf = transformers_greedy(reference_model[0], prompts, MAX_NEW)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     cfg = EngineConfig(max_requests=4, max_context=1024, feature_layers=tuple(drafter.config.feature_layers))
     engine = TargetEngine(cfg, model=model, tokenizer=tok)

@@ -216,8 +216,8 @@ def stack(request, tmp_path_factory, stack_env):
 
 
 @pytest.fixture(scope="module")
-def ref(real_model):
-    return Reference(*real_model)
+def ref(reference_model):
+    return Reference(*reference_model)
 
 
 class Reference:

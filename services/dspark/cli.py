@@ -19,6 +19,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=8)
     p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--linear-kernel",
+        default="auto",
+        choices=["auto", "torch", "transposed"],
+        help="how the target's projections multiply (auto: transposed weights on CPU, transformers' linear on GPU)",
+    )
 
 
 def _engine_config(a):
@@ -448,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     bp.add_argument("--requests-per-level", type=int, default=None, help="default: max(4, 2 x concurrency)")
     bp.add_argument("--max-tokens", type=int, default=64)
+    bp.add_argument("--repeats", type=int, default=2, help="runs per policy and level, interleaved; rows pool them")
     bp.add_argument("--max-prompt", type=int, default=256, help="prompts keep their last N tokens")
     bp.add_argument("--temperature", type=float, default=1.0)
     bp.add_argument("--seed", type=int, default=0)

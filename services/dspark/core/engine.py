@@ -14,6 +14,7 @@ import torch
 
 from dspark.core.config import EngineConfig
 from dspark.core.kv_cache import SlotCache
+from dspark.core.linear_kernel import apply_linear_kernel, resolve_kernel
 from dspark.models.model_store import load_model
 
 
@@ -55,6 +56,8 @@ class TargetEngine:
         if model is None:
             model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self.linear_kernel = resolve_kernel(config.linear_kernel, self.device)
+        apply_linear_kernel(self.model, self.linear_kernel)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()

@@ -4,8 +4,8 @@ device and dtype it serves with (`dspark profile`). The scheduler prices every r
 B query tokens are spread over ceil(B / 8) requests (anchor + 7 drafts each, the paper's block) with `context`
 cached tokens each. The curve is kept as measured: jagged steps (BLAS kernel switches, cache sizes, CUDA tile
 boundaries) are real and are what the scheduler must see. A table is saved as JSON next to a PNG of the curve,
-under $DSPARK_HOME/profiles/ by default, keyed by model, device, dtype and CPU threads; the serving path loads the
-matching table at start-up and runs a quick profile when there is none.
+under $DSPARK_HOME/profiles/ by default, keyed by model, device, dtype, linear kernel and CPU threads; the serving
+path loads the matching table at start-up and runs a quick profile when there is none.
 """
 
 from __future__ import annotations
@@ -35,15 +35,17 @@ class ProfileKey:
     device: str
     dtype: str
     threads: int  # torch CPU threads (they change CPU speed; recorded on GPU too)
+    kernel: str = "torch"  # the engine's linear kernel (core/linear_kernel.py): it changes the curve's shape
 
     @classmethod
     def of(cls, engine: TargetEngine) -> ProfileKey:
         c = engine.config
-        return cls(Path(c.model).name, torch.device(c.device).type, c.dtype, torch.get_num_threads())
+        device = torch.device(c.device).type
+        return cls(Path(c.model).name, device, c.dtype, torch.get_num_threads(), engine.linear_kernel)
 
     @property
     def filename(self) -> str:
-        return f"{self.model}-{self.device}-{self.dtype}-t{self.threads}.json"
+        return f"{self.model}-{self.device}-{self.dtype}-{self.kernel}-t{self.threads}.json"
 
 
 def full_sizes(max_b: int) -> list[int]:
