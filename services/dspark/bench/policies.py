@@ -78,6 +78,24 @@ def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, po
     }
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One row from repeats of the same (policy, level): throughput over all their tokens and wall time, the other
+    numbers averaged, and the spread of the repeats' throughputs (how much of a ratio is noise)."""
+    if len(runs) == 1:
+        return {**runs[0], "repeats": 1, "throughput_range": [runs[0]["throughput_tps"]] * 2}
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.mean(r[key] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["tokens"] = sum(r["tokens"] for r in runs)
+    out["wall_s"] = sum(r["wall_s"] for r in runs)
+    out["throughput_tps"] = out["tokens"] / out["wall_s"]
+    out["repeats"] = len(runs)
+    out["throughput_range"] = [min(r["throughput_tps"] for r in runs), max(r["throughput_tps"] for r in runs)]
+    return out
+
+
 def goals(rows: list[dict]) -> dict:
     """The serving goals as ratios of this run: dspark against autoregressive (>= 0.97 at every level: never slower
     than plain decoding beyond noise) and against the best of the static policies, per level."""
@@ -167,10 +185,14 @@ def run(a, config) -> dict:
     rows = []
     for c in levels:
         n = a.requests_per_level or max(4, 2 * c)
-        for p in a.policies:  # policies interleaved per level, so machine drift hits all alike
-            row = run_level(dec, prompts[:n], params, p, c)
-            rows.append(row)
-            print(format_table([row]).splitlines()[1], flush=True)
+        runs = []
+        for rep in range(a.repeats):  # policies interleaved per level, the order reversed every other repeat,
+            order = a.policies if rep % 2 == 0 else a.policies[::-1]  # so machine drift hits all alike
+            for p in order:
+                row = run_level(dec, prompts[:n], params, p, c)
+                runs.append(row)
+                print(f"[{rep + 1}/{a.repeats}] " + format_table([row]).splitlines()[1], flush=True)
+        rows += [pooled([r for r in runs if r["policy"] == p]) for p in a.policies]
     rows.sort(key=lambda r: (a.policies.index(r["policy"]), r["concurrency"]))
     result = {
         "config": asdict(dec.engine.config),
