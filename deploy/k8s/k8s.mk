@@ -32,4 +32,4 @@ k8s-install: install
 	$(K8S)/bin/kubectl --kubeconfig $(KUBECONFIG_LOCAL) get pods -o wide
 
 k8s-test: k8s-install
-	$(HELM_LOCAL) test dspark --logs
+	$(HELM_LOCAL) test dspark
