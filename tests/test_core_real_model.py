@@ -12,6 +12,7 @@ from dspark.core.engine import QueryBlock, TargetEngine
 from dspark.core.sampling import SamplingParams
 from dspark.drafter.eval_sets import EVAL_SETS, first_turns
 from dspark.models.prompt import encode_prompt, eos_token_ids
+from dspark.models.registry import DEFAULT_MODEL
 
 from conftest import transformers_greedy
 
@@ -42,16 +43,17 @@ def test_prompts_come_from_every_eval_set(prompts):
 
 
 def test_plain_greedy_equals_transformers_generate(target, prompts, hf_greedy):
-    assert target.linear_kernel == "transposed"  # what CPU serving runs, against transformers' own nn.Linear
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     plain = Decoder(target, eos_token_ids=eos_token_ids(target.model, target.tokenizer)).generate(prompts, sp)
     assert [c.token_ids for c in plain] == hf_greedy
 
 
-def test_torch_kernel_engine_equals_transformers_generate(reference_model, prompts, hf_greedy):
-    model, tok = reference_model
-    engine = TargetEngine(EngineConfig(max_requests=8, max_context=1024, linear_kernel="torch"), model, tok)
-    assert engine.linear_kernel == "torch" and type(model.lm_head) is torch.nn.Linear  # the reference stays as built
+def test_transposed_kernel_greedy_equals_transformers_generate(prompts, hf_greedy):
+    from dspark.models.model_store import load_model
+
+    model, tok = load_model(DEFAULT_MODEL, dtype="float32", device="cpu")  # its own copy: the kernel rebuilds it
+    engine = TargetEngine(EngineConfig(max_requests=8, max_context=1024, linear_kernel="transposed"), model, tok)
+    assert engine.linear_kernel == "transposed" and type(model.lm_head) is not torch.nn.Linear
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
     plain = Decoder(engine, eos_token_ids=eos_token_ids(model, tok)).generate(prompts, sp)
     assert [c.token_ids for c in plain] == hf_greedy

@@ -23,7 +23,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         default="auto",
         choices=["auto", "torch", "transposed"],
-        help="how the target's projections multiply (auto: transposed weights on CPU, transformers' linear on GPU)",
+        help="how the target's projections multiply (auto: transformers' nn.Linear; transposed: x @ W)",
     )
 
 
