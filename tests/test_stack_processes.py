@@ -596,3 +596,17 @@ def test_one_trace_per_request_spans_router_draft_service_and_verifier(stack, re
         if batch_call is not None:  # exported in the same flush or an earlier one
             assert batch_call.service == s.service and batch_call.name == s.name
             assert by_id.get(batch_call.parent_id) is None or by_id[batch_call.parent_id].name == "dspark.batch"
+
+
+def test_sigterm_to_the_router_lets_a_running_stream_finish_then_it_stops(stack, ref):
+    """Last in the module: the router drains before Ray Serve's shutdown closes the client's connection (a rolling
+    update's old router pod must not cut requests off), exits 0, and the restarted one serves again."""
+    router = stack.procs[stack.index("router")]
+    ids, last = _stream_while(stack, PROMPTS[1], lambda: router.send_signal(signal.SIGTERM))
+    assert ids == ref.greedy(PROMPTS[1], N_LONG) and last.finish_reason == "length"
+    assert router.wait(90) == 0
+    assert "draining the router's requests" in (stack.logs / "router.log").read_text()
+    stack.restart("router")  # the module's teardown checks that its SIGTERM stops Ray's processes too
+    req = _request(prompt=PROMPTS[0], max_tokens=8, ignore_eos=True, policy="fixed")
+    (c,) = stack.stub.Generate(req, metadata=AUTH, timeout=TIMEOUT).choices
+    assert list(c.token_ids) == ref.greedy(PROMPTS[0], 8)

@@ -590,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 8000)))
     r.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 50051)))
     r.add_argument("--replicas", type=int, default=1, help="router replicas (autoscaling: deploy/serve.yaml)")
+    r.add_argument(
+        "--drain", type=float, default=30.0, help="on SIGTERM: seconds running requests get before the router stops"
+    )
     r.add_argument("--no-ray", action="store_true", help="serve from this process without Ray Serve")
     r.add_argument(
         "--config",

@@ -89,6 +89,10 @@ class DSparkRouter:
             grpc_context.set_details(e.message)
             raise
 
+    def in_flight(self) -> int:
+        """Requests this replica is still answering: `dspark serve router` waits for 0 before shutting Serve down."""
+        return self.router.in_flight
+
     def check_health(self) -> None:
         if not self.router._thread.is_alive():
             raise RuntimeError("the decode loop thread died")

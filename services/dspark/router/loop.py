@@ -84,6 +84,7 @@ class Router:
         self._sent: dict[str, int] = {}
         self._spans: dict[str, object] = {}  # request id -> its dspark.generate span (the parent of its round spans)
         self._pending = 0  # submitted, not finished (changed by both threads, under _lock)
+        self._streams = 0  # calls of stream() not yet returned: what a shutdown waits for (event loop only)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._stop = False
@@ -284,6 +285,7 @@ class Router:
             self._inbox.put(("add", rid, prompt_ids, sp, policy))
         self._wake.set()
         by_id = {c.request_id: c for c in choices}
+        self._streams += 1
         try:
             while not all(c.done for c in choices):
                 rid, item = await q.get()
@@ -307,12 +309,18 @@ class Router:
                 if delta.token_ids or delta.text or delta.finish_reason:
                     yield delta
         finally:
+            self._streams -= 1
             for c in choices:
                 self._spans.pop(c.request_id, None)
                 if not c.done:
                     self._inbox.put(("abort", c.request_id))
             self._wake.set()
             span.end()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests of the public APIs this router is still answering (a shutdown drains them first)."""
+        return self._streams
 
     def _text_delta(self, c: _Choice, stop, final: bool) -> tuple[str, bool]:
         """(new text since the last delta, whether a stop string was reached). Text is held back while it may be an

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -99,10 +100,33 @@ def _serve_ray(a) -> int:
         )
         print("ready", flush=True)
         _wait_for_signal()
+        _drain(serve.get_deployment_handle("DSparkRouter", app_name="dspark"), a.drain)
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _drain(handle, seconds: float, quiet_polls: int = 3, poll_s: float = 0.2, flush_s: float = 1.0) -> bool:
+    """After SIGTERM, before Serve's shutdown closes its proxies' connections: wait until the router replicas
+    answer no request (`quiet_polls` polls in a row see 0: a call reaches one replica, so several must be asked),
+    at most `seconds`, then `flush_s` for the proxy to pass the last messages on. The pod's preStop and readiness
+    have already taken it out of its Service, so no new requests arrive meanwhile. True when it drained in time."""
+    deadline, quiet = time.monotonic() + seconds, 0
+    print(f"SIGTERM: draining the router's requests for up to {seconds:.0f} s", flush=True)
+    while time.monotonic() < deadline:
+        try:
+            busy = handle.in_flight.remote().result(timeout_s=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # a replica that is gone answers nothing: nothing to wait for there
+            print(f"drain: {type(e).__name__}: {e}", flush=True)
+            busy = 0
+        quiet = quiet + 1 if busy == 0 else 0
+        if quiet >= quiet_polls:
+            time.sleep(flush_s)
+            return True
+        time.sleep(poll_s)
+    print("drain: time is up with requests still running", flush=True)
+    return False
 
 
 def _serve_plain(a) -> int:
@@ -126,7 +150,7 @@ async def _plain(a) -> int:
     print(f"dspark router gRPC on localhost:{svc.port}, HTTP on http://{a.host}:{a.http_port}/v1")
     print("ready", flush=True)
     try:
-        await svc.wait(10.0)
+        await svc.wait(a.drain)
     finally:
         http.should_exit = True
         await task
