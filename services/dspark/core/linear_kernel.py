@@ -21,8 +21,9 @@ from torch import nn
 KERNELS = ("auto", "torch", "transposed")
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """The kernel "auto" means on `device`: transformers' own linear, on CPU too (see the measurements above)."""
+def resolve_kernel(kernel: str) -> str:
+    """The kernel a config's `linear_kernel` names: "auto" is transformers' own linear, on every device (see the
+    measurements above)."""
     if kernel not in KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     return "torch" if kernel == "auto" else kernel
@@ -54,7 +55,7 @@ class TransposedLinear(nn.Module):
 
 def _as_linear(m: TransposedLinear) -> nn.Linear:
     lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight_t.device)
-    lin.weight = nn.Parameter(m.weight.contiguous().to(m.weight_t.dtype), requires_grad=False)
+    lin.weight = nn.Parameter(m.weight.contiguous(), requires_grad=False)
     lin.bias = m.bias
     return lin
 
