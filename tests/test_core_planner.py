@@ -17,7 +17,7 @@ from dspark.core.decoding import Decoder
 from dspark.core.engine import TargetEngine
 from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts, round_seconds
 from dspark.core.sampling import SamplingParams
-from dspark.core.scheduler import SpsTable, prefix_schedule, schedule
+from dspark.core.scheduler import SpsTable, expected_tokens, prefix_schedule, schedule
 from dspark.drafter.model import DSparkDrafter
 from dspark.drafter.proposer import DSparkProposer
 
@@ -87,9 +87,40 @@ def test_round_seconds_adds_the_draft_call():
     assert round_seconds(FLAT, 5, c, 1, 2) == pytest.approx(0.01 + 0.014)
 
 
-# -- Algorithm 1 with the drafting time, and the cap that is not binding ----------------------------------------------
-
 confidences = st.lists(st.lists(st.floats(0.01, 0.99), min_size=0, max_size=6), min_size=1, max_size=8)
+
+# a CPU-like verifier with a bump: steps of 2-3 query tokens are slow, steps of 4-8 faster than them
+BUMPY = SpsTable((1, 2, 3, 4, 8, 16), (100.0, 40.0, 40.0, 60.0, 60.0, 40.0))
+
+
+def test_dspark_plans_only_what_algorithm_1_will_verify():
+    """Past a bump of the SPS curve: drafting 7 good tokens would pay if all were verified (B = 8 is faster than B = 2)
+    so the unconstrained search drafts them, but Algorithm 1 stops at the first one (B = 2 is slower than
+    B = 1 for 0.9 more tokens) and verifies none; the dspark plan sees that and drafts nothing."""
+    f, c = [[0.9] * 7], cost(0.001, 0.0002, gamma=7)
+    assert plan_drafts(f, BUMPY, c) == [7]
+    assert prefix_schedule(f, BUMPY, draft_s=c(1, 7)) == [0]
+    assert plan_drafts(f, BUMPY, c, early_stop=True) == [0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(conf=confidences, draft_ms=st.floats(0.0, 20.0), margin=st.floats(1.0, 1.2))
+def test_a_dspark_plan_pays_as_algorithm_1_verifies_it(conf, draft_ms, margin):
+    """Forecasts that come true: what Algorithm 1 then verifies of the planned drafts, with their drafting time sunk,
+    beats not drafting by the margin whenever the plan drafts anything."""
+    c = cost(draft_ms / 1000, draft_ms / 5000, gamma=6)
+    caps = plan_drafts(conf, BUMPY, c, margin=margin, early_stop=True)
+    assert all(0 <= k <= len(x) for k, x in zip(caps, conf))
+    if not any(caps):
+        return
+    drafted = [x[:k] for x, k in zip(conf, caps)]
+    d = c(sum(1 for k in caps if k), max(caps))
+    lengths = prefix_schedule(drafted, BUMPY, draft_s=d)
+    tau = sum(expected_tokens(x, n) for x, n in zip(conf, lengths))
+    assert tau / (1 / BUMPY(len(conf) + sum(lengths)) + d) > margin * len(conf) * BUMPY(len(conf)) * (1 - 1e-9)
+
+
+# -- Algorithm 1 with the drafting time, and the cap that is not binding ----------------------------------------------
 
 
 @settings(max_examples=300, deadline=None)

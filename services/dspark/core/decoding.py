@@ -328,28 +328,30 @@ class Decoder:
         caps = list(ks)
         for replica, idx in groups.items():
             sps = self._sps_of(replica)
-            planned = [i for i in idx if batch[i].policy in NEEDS_SPS and ks[i] > 0]
-            forecasts = [self._forecast.forecast(batch[i].request_id, ks[i]) for i in planned]
-            if sps is None or not planned or any(f is None for f in forecasts):
-                continue
-            others = [i for i in idx if i not in planned]
-            base_tau = 0.0
-            for i in others:  # the static policies' drafts, expected from their own forecast (or all survive)
-                f = self._forecast.forecast(batch[i].request_id, ks[i]) or [1.0] * ks[i]
-                base_tau += expected_tokens(f, ks[i])
-            drafting = [i for i in others if ks[i] > 0]
-            group_caps = plan_drafts(
-                forecasts,
-                sps,
-                cost,
-                base_tokens=sum(1 + ks[i] for i in others),
-                base_tau=base_tau,
-                base_rows=len(drafting),
-                base_positions=max((ks[i] for i in drafting), default=0),
-                margin=self.plan_margin,
-            )
-            for i, c in zip(planned, group_caps):
-                caps[i] = c
+            for policy in NEEDS_SPS:  # dspark first: Algorithm 1 admits its requests before dspark-async's
+                planned = [i for i in idx if batch[i].policy == policy and ks[i] > 0]
+                forecasts = [self._forecast.forecast(batch[i].request_id, ks[i]) for i in planned]
+                if sps is None or not planned or any(f is None for f in forecasts):
+                    continue
+                others = [i for i in idx if i not in planned]
+                base_tau = 0.0
+                for i in others:  # the others' drafts, expected from their own forecast (or all survive)
+                    f = self._forecast.forecast(batch[i].request_id, caps[i]) or [1.0] * caps[i]
+                    base_tau += expected_tokens(f, caps[i])
+                drafting = [i for i in others if caps[i] > 0]
+                group_caps = plan_drafts(
+                    forecasts,
+                    sps,
+                    cost,
+                    base_tokens=sum(1 + caps[i] for i in others),
+                    base_tau=base_tau,
+                    base_rows=len(drafting),
+                    base_positions=max((caps[i] for i in drafting), default=0),
+                    margin=self.plan_margin,
+                    early_stop=policy == "dspark",
+                )
+                for i, c in zip(planned, group_caps):
+                    caps[i] = c
         return caps
 
     def _schedule(

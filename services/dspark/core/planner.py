@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dspark.core.scheduler import SpsTable, survival
+from dspark.core.scheduler import SpsTable, survival, throughput
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,19 @@ def plan_drafts(
     base_rows: int = 0,
     base_positions: int = 0,
     margin: float = 1.0,
+    early_stop: bool = False,
 ) -> list[int]:
     """Draft caps for one verifier's requests: forecasts[r] = predicted confidences c_{r,1..k_r} (k_r: the most
-    request r may draft). Every prefix of the candidates sorted by predicted survival is priced with
-    E[tokens] / t(B, R, K) and the best is kept (an unconstrained search, like dspark-async's capacity: it reads no
-    fresh draft, so it needs no early stop). base_*: what other requests of the round already add (query tokens,
-    expected tokens, rows and positions drafted for them). margin: how much better than drafting none of these
-    requests a plan must be expected to do to be taken (forecasts and cost tables err; 1.05 asks for 5%)."""
+    request r may draft). Drafting the first n candidates sorted by predicted survival costs t(B, R, K); each n is
+    priced with the expected throughput E[tokens] / t(B, R, K) of what will then be verified, and the best n is kept.
+
+    What will be verified: with early_stop (the `dspark` policy), what Algorithm 1 admits from those n drafts with
+    their drafting time sunk: it stops at the first candidate that does not improve Theta, so a draft past a bump of
+    the SPS curve would be paid for and never verified; the plan counts only the admitted prefix m(n) <= n.
+    Without it (`dspark-async`, whose capacity comes from the same unconstrained search) all n are.
+    base_*: what other requests of the round already add (query tokens, expected tokens, rows and positions drafted
+    for them). margin: how much better than drafting none of these requests a plan must be expected to do to be
+    taken (forecasts and cost tables err; 1.05 asks for 5%)."""
     R = len(forecasts)
     if R == 0:
         return []
@@ -93,21 +99,42 @@ def plan_drafts(
         ((a, r, j) for r, c in enumerate(forecasts) for j, a in enumerate(survival(c), 1) if a > 0),
         key=lambda x: -x[0],
     )
-    B, tau = base_tokens + R, base_tau + R
+    # after the first n candidates: query tokens B[n], expected tokens tau[n], and the draft call's seconds
+    B, tau, draft_s = [base_tokens + R], [base_tau + R], [_draft_seconds(draft_cost, base_rows, base_positions)]
     rows, positions = set(), base_positions
-    best = margin * tau / round_seconds(sps, B, draft_cost, base_rows, base_positions)
-    best_n = 0
-    for n, (a, r, j) in enumerate(cands, 1):
-        B, tau = B + 1, tau + a
+    for a, r, j in cands:
         rows.add(r)
         positions = max(positions, j)
-        theta = tau / round_seconds(sps, B, draft_cost, base_rows + len(rows), positions)
+        B.append(B[-1] + 1)
+        tau.append(tau[-1] + a)
+        draft_s.append(_draft_seconds(draft_cost, base_rows + len(rows), positions))
+    stops: dict[float, int] = {}  # Algorithm 1's stopping point over all candidates, per sunk drafting time
+
+    def verified(n: int) -> int:
+        if not early_stop:
+            return n
+        d = draft_s[n]
+        if d not in stops:
+            m = 0
+            while m < len(cands) and throughput(tau[m + 1], sps, B[m + 1], d) > throughput(tau[m], sps, B[m], d):
+                m += 1
+            stops[d] = m
+        return min(n, stops[d])
+
+    best, best_n = margin * throughput(tau[0], sps, B[0], draft_s[0]), 0
+    for n in range(1, len(cands) + 1):
+        m = verified(n)
+        theta = throughput(tau[m], sps, B[m], draft_s[n])
         if theta > best:
             best, best_n = theta, n
     caps = [0] * R
     for _, r, j in cands[:best_n]:
         caps[r] = max(caps[r], j)
     return caps
+
+
+def _draft_seconds(draft_cost: DraftCost | None, rows: int, positions: int) -> float:
+    return 0.0 if draft_cost is None else draft_cost(rows, positions)
 
 
 @dataclass
