@@ -38,10 +38,23 @@ def test_measure_save_load_roundtrip(engine, tmp_path):
     assert {"model", "device", "dtype", "threads", "context", "rows"} <= doc.keys() and doc["device"] == "cpu"
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     table = sps_profile.load(path, key)
-    assert table.batch_tokens == (1, 3, 8, 9, 20) and table(9) == pytest.approx(rows[3]["sps"])
+    assert table.batch_tokens == (1, 3, 8, 9, 20) and table == sps_profile.table_of(rows)
     other = sps_profile.ProfileKey(key.model, key.device, "bfloat16", key.threads)
     with pytest.raises(ValueError, match="profiled for"):
         sps_profile.load(path, other)
+
+
+def test_the_table_fits_step_time_non_decreasing():
+    """A larger step measured faster than a smaller one is pooled with it; rises stay as measured."""
+    assert sps_profile.nondecreasing([1.0, 2.0, 2.0, 5.0]) == [1.0, 2.0, 2.0, 5.0]
+    assert sps_profile.nondecreasing([1.0, 3.0, 2.0, 4.0, 1.0]) == pytest.approx([1.0, 2.5, 2.5, 2.5, 2.5])
+    # the loaded machine's quick profile: B=2 258 ms, B=3 303 ms, B=5 181 ms
+    steps_ms = [150.0, 258.0, 303.0, 239.0, 181.0, 215.0, 214.0, 204.0, 264.0]
+    rows = [{"B": b, "sps": 1000 / t} for b, t in enumerate(steps_ms, 1)]
+    table = sps_profile.table_of(rows)
+    fitted = [1000 / table(b) for b in range(1, 10)]
+    assert fitted == sorted(fitted) and fitted[0] == pytest.approx(150.0) and fitted[-1] == pytest.approx(264.0)
+    assert sum(fitted) == pytest.approx(sum(steps_ms))  # a least-squares fit of the means keeps their sum
 
 
 def test_measure_needs_free_slots(engine):

@@ -244,11 +244,18 @@ class Decoder:
         return finished
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], policy: str | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        policy: str | list[str] | None = None,
     ) -> list[Completion]:
-        """Run prompts to completion (continuous batching when there are more than engine slots)."""
+        """Run prompts to completion (continuous batching when there are more than engine slots); `policy`: one
+        override for every prompt or one per prompt."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp, policy=policy) for p, sp in zip(prompts, plist)]
+        policies = policy if isinstance(policy, list) else [policy] * len(prompts)
+        if len(plist) != len(prompts) or len(policies) != len(prompts):
+            raise ValueError("one sampling params and one policy per prompt")
+        ids = [self.add_request(p, sp, policy=pol) for p, sp, pol in zip(prompts, plist, policies)]
         done: dict[str, Completion] = {}
         while self.has_work:
             for c in self.step():

@@ -2,10 +2,16 @@
 device and dtype it serves with (`dspark profile`). The scheduler prices every round with it.
 
 B query tokens are spread over ceil(B / 8) requests (anchor + 7 drafts each, the paper's block) with `context`
-cached tokens each. The curve is kept as measured: jagged steps (BLAS kernel switches, cache sizes, CUDA tile
-boundaries) are real and are what the scheduler must see. A table is saved as JSON next to a PNG of the curve,
-under $DSPARK_HOME/profiles/ by default, keyed by model, device, dtype, linear kernel and CPU threads; the serving
-path loads the matching table at start-up and runs a quick profile when there is none.
+cached tokens each. The sizes are measured in interleaved passes (every B once per pass, the median over passes), so a
+burst of other load lands on many sizes instead of all repeats of one. The JSON keeps the measured medians; the
+table the scheduler sees is their least-squares non-decreasing fit in step time (pool adjacent violators): the rises
+(BLAS kernel switches, cache sizes, CUDA tile boundaries) are real and stay, while a larger step measured faster than
+a smaller one is noise the scheduler must not chase (a quick profile on a loaded 2-core CPU once put B=5 at 181 ms,
+B=2 at 258 ms and B=3 at 303 ms; Algorithm 1's early stop then stops before B=5 for a reason that is not there).
+
+A table is saved as JSON next to a PNG of the curve, under $DSPARK_HOME/profiles/ by default, keyed by model, device,
+dtype, linear kernel and CPU threads; the serving path loads the matching table at start-up and runs a quick profile
+when there is none.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def quick_sizes(max_b: int) -> list[int]:
 
 
 def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats: int = 3, log=None) -> list[dict]:
-    """Median forward time for each B in sizes. Needs ceil(max(sizes) / 8) free engine slots."""
+    """Median forward time for each B in sizes over `repeats` interleaved passes (one warm-up each first). Needs
+    ceil(max(sizes) / 8) free engine slots."""
     n_req = math.ceil(max(sizes) / BLOCK)
     if engine.free_slots < n_req:
         raise ValueError(f"profiling B up to {max(sizes)} needs {n_req} free engine slots, {engine.free_slots} free")
@@ -74,11 +81,21 @@ def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats:
         for i, rid in enumerate(ids):
             engine.add(rid)
             engine.prefill(rid, [(7 * i + j + 100) % engine.vocab_size for j in range(context)])
-        rows = []
+        calls = []
         for b in sizes:
             query = [42 % engine.vocab_size] * BLOCK
             blocks = [QueryBlock(ids[i], query[: min(BLOCK, b - i * BLOCK)]) for i in range(math.ceil(b / BLOCK))]
-            step = median_seconds(lambda blocks=blocks: engine.forward(blocks), engine.device, repeats)
+            calls.append((b, blocks, lambda blocks=blocks: engine.forward(blocks)))
+            calls[-1][2]()  # warm-up
+        times: list[list[float]] = [[] for _ in sizes]
+        for n in range(repeats):
+            for i, (_, _, fn) in enumerate(calls):
+                times[i].append(seconds_of(fn, engine.device))
+            if log:
+                log(f"  pass {n + 1}/{repeats}: B={sizes[0]}..{sizes[-1]}")
+        rows = []
+        for (b, blocks, _), ts in zip(calls, times):
+            step = statistics.median(ts)
             rows.append({"B": b, "requests": len(blocks), "step_ms": round(1000 * step, 3), "sps": 1 / step})
             if log:
                 log(f"  B={b:4d} requests={len(blocks):3d} step={1000 * step:8.2f} ms  SPS={1 / step:8.2f}")
@@ -93,21 +110,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() over `repeats` calls after one warm-up, the device synchronised around each."""
+def seconds_of(fn, device: torch.device) -> float:
+    """Wall time of one fn() call, the device synchronised around it."""
+    _sync(device)
+    t = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up."""
+    fn()
+    return statistics.median(seconds_of(fn, device) for _ in range(repeats))
+
+
+def nondecreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit of values (pool adjacent violators): each run that falls is replaced by
+    its mean."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(n)]
 
 
 def table_of(rows: list[dict]) -> SpsTable:
-    return SpsTable(tuple(r["B"] for r in rows), tuple(r["sps"] for r in rows))
+    """The scheduler's table: step time fitted non-decreasing in B (see the module's docstring)."""
+    steps = nondecreasing([1 / r["sps"] for r in rows])
+    return SpsTable(tuple(r["B"] for r in rows), tuple(1 / t for t in steps))
 
 
 def write_profile(path: Path, doc: dict, plot_fn) -> Path:
@@ -183,10 +216,14 @@ def two_panels(path: Path, title: str, draw) -> None:
 def plot(doc: dict, path: Path) -> None:
     bs = [r["B"] for r in doc["rows"]]
 
+    fitted = table_of(doc["rows"]).steps_per_s
+
     def draw(a1, a2):
-        a1.plot(bs, [r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3)
+        a1.plot(bs, [r["sps"] for r in doc["rows"]], ".", ms=3, label="measured")
+        a1.plot(bs, fitted, "-", lw=1, label="fitted (step time non-decreasing): what the scheduler uses")
         a1.set(xlabel="query tokens B", ylabel="verifier steps / s", title="SPS(B)")
-        a2.plot(bs, [r["B"] * r["sps"] for r in doc["rows"]], ".-", lw=1, ms=3, color="tab:green")
+        a1.legend(fontsize=7)
+        a2.plot(bs, [b * f for b, f in zip(bs, fitted)], ".-", lw=1, ms=3, color="tab:green")
         a2.set(xlabel="query tokens B", ylabel="query tokens / s", title="B x SPS(B)")
 
     title = f"{doc['model']} {doc['device']} {doc['dtype']} threads={doc['threads']} context={doc['context']}"
