@@ -7,7 +7,9 @@ and drafts at temperature 1 with the proposer's support cap (max_support): the s
 head, confidence head and sampling once per position, so the table is measured for every K = 1..gamma. Saved as
 JSON (+ PNG) under $DSPARK_HOME/profiles/, keyed by drafter (name and config), device, dtype and threads (the support
 cap it was measured with is recorded; it changes the time little next to the LM head); the serving path loads the
-matching table at start-up and measures a quick one when there is none.
+matching table at start-up and measures a quick one when there is none. As with SPS(B), the JSON keeps the measured
+medians and the planner's table is fitted non-decreasing, in R for each K and then in K for each R: a call that
+drafts more never costs less than one that drafts less, and a measured dip is noise the planner must not chase.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
-from dspark.core.sps_profile import median_seconds, read_profile, two_panels, write_profile
+from dspark.core.sps_profile import median_seconds, nondecreasing, read_profile, two_panels, write_profile
 from dspark.drafter.proposer import DSparkProposer
 from dspark.models.model_store import dspark_home
 
@@ -97,7 +99,10 @@ def measure(proposer: DSparkProposer, rows: list[int], context: int = 128, repea
 
 
 def table_of(rows: list[dict]) -> DraftCost:
-    return DraftCost(tuple(r["R"] for r in rows), tuple(tuple(r["seconds"]) for r in rows))
+    """The planner's table: the measured seconds fitted non-decreasing in R, then in K (see the module's docstring)."""
+    columns = [nondecreasing(list(col)) for col in zip(*(r["seconds"] for r in rows))]  # per K, along R
+    seconds = [tuple(nondecreasing(list(row))) for row in zip(*columns)]  # per R, along K
+    return DraftCost(tuple(r["R"] for r in rows), tuple(seconds))
 
 
 def default_path(key: DraftCostKey) -> Path:
