@@ -1,7 +1,9 @@
-"""The engine's linear kernel: transposed weights compute what nn.Linear computes, in place and back again, and
-plain decoding and verification agree under it (they run the same kernel)."""
+"""The engine's linear kernels: transposed weights and oneDNN's prepacked weights compute what nn.Linear computes, in
+place and back again, and plain decoding and verification agree under each (they run the same kernel)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,14 +12,20 @@ from dspark.core.config import EngineConfig
 from dspark.core.decoding import Decoder
 from dspark.core.draft_lm import DraftModelProposer
 from dspark.core.engine import TargetEngine
-from dspark.core.linear_kernel import TransposedLinear, apply_linear_kernel, resolve_kernel
+from dspark.core.linear_kernel import (
+    OneDnnLinear,
+    TransposedLinear,
+    apply_linear_kernel,
+    onednn_available,
+    resolve_kernel,
+)
 from dspark.core.sampling import SamplingParams
 
 from conftest import tiny_model
 
 
 def linears(model) -> dict[type, int]:
-    kinds = [type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, TransposedLinear))]
+    kinds = [type(m) for m in model.modules() if isinstance(m, (torch.nn.Linear, TransposedLinear, OneDnnLinear))]
     return {k: kinds.count(k) for k in set(kinds)}
 
 
@@ -33,7 +41,23 @@ def test_transposed_linear_computes_what_nn_linear_computes():
             torch.testing.assert_close(t(x), lin(x), atol=1e-6, rtol=1e-5)
 
 
-def test_model_runs_either_kernel_in_place_and_back():
+def test_onednn_linear_computes_what_nn_linear_computes():
+    torch.manual_seed(0)
+    for bias in (False, True):
+        lin = torch.nn.Linear(24, 40, bias=bias)
+        o = OneDnnLinear(lin, batch_hint=4)
+        assert torch.equal(o.weight, lin.weight)  # the (out, in) parameter, for code that reads the weights
+        for shape in [(1, 24), (3, 24), (2, 5, 24), (70, 24)]:  # any row count, above the hint too
+            x = torch.randn(shape)
+            torch.testing.assert_close(o(x), lin(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 24)
+    c = copy.deepcopy(o)  # packs its own copy
+    torch.testing.assert_close(c(x), lin(x), atol=1e-5, rtol=1e-5)
+    b = copy.deepcopy(o).to(torch.bfloat16)  # another dtype: computes as nn.Linear does
+    torch.testing.assert_close(b(x.bfloat16()), lin.to(torch.bfloat16)(x.bfloat16()))
+
+
+def test_model_runs_each_kernel_in_place_and_back():
     model = tiny_model("llama")
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
@@ -45,13 +69,21 @@ def test_model_runs_either_kernel_in_place_and_back():
     assert model.get_input_embeddings().weight.data_ptr() == embed  # a tied embedding keeps its rows
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert apply_linear_kernel(model, "onednn") == n and linears(model) == {OneDnnLinear: n}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
     assert apply_linear_kernel(model, "torch") == n and linears(model) == {torch.nn.Linear: n}
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_is_transformers_own_kernel_and_unknown_kernels_are_refused():
-    assert resolve_kernel("auto") == "torch"  # transposed loses at B >= 4 (module docstring)
+def test_auto_is_onednn_for_float32_on_cpu_and_transformers_own_kernel_elsewhere():
+    want = "onednn" if onednn_available("cpu", torch.float32) else "torch"  # every x86 torch build has oneDNN
+    assert resolve_kernel("auto", "cpu", torch.float32) == want  # faster at every B x T (module docstring)
+    assert resolve_kernel("auto", "cpu", torch.bfloat16) == "torch"
+    assert resolve_kernel("auto", "cuda", torch.float32) == "torch"
+    with pytest.raises(ValueError, match="float32 on CPU"):
+        resolve_kernel("onednn", "cuda", torch.float32)
     assert resolve_kernel("torch") == "torch"
     assert resolve_kernel("transposed") == "transposed"
     with pytest.raises(ValueError, match="linear kernel"):
@@ -60,7 +92,7 @@ def test_auto_is_transformers_own_kernel_and_unknown_kernels_are_refused():
         EngineConfig(linear_kernel="fast")
 
 
-@pytest.mark.parametrize("kernel", ["torch", "transposed"])
+@pytest.mark.parametrize("kernel", ["torch", "transposed", "onednn"])
 def test_speculative_greedy_equals_plain_greedy_under_each_kernel(kernel):
     """Plain decoding and verification run the same kernel, so greedy speculative output is plain decoding's."""
     target = TargetEngine(EngineConfig(max_requests=3, max_context=64, linear_kernel=kernel), model=tiny_model("llama"))

@@ -22,8 +22,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--linear-kernel",
         default="auto",
-        choices=["auto", "torch", "transposed"],
-        help="how the target's projections multiply (auto: transformers' nn.Linear; transposed: x @ W)",
+        choices=["auto", "torch", "transposed", "onednn"],
+        help="how the target's projections multiply (auto: onednn's prepacked linear for float32 on CPU, else "
+        "transformers' nn.Linear; transposed: x @ W)",
     )
 
 

@@ -56,7 +56,7 @@ class TargetEngine:
         if model is None:
             model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
-        self.linear_kernel = resolve_kernel(config.linear_kernel)
+        self.linear_kernel = resolve_kernel(config.linear_kernel, self.device, next(self.model.parameters()).dtype)
         apply_linear_kernel(self.model, self.linear_kernel)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()

@@ -1,16 +1,20 @@
 """How the target's linear layers multiply: the kernel behind every projection and the LM head.
 
-transformers' `nn.Linear` keeps W as (out, in) and computes x @ Wᵀ ("torch", the default everywhere). "transposed"
-keeps W stored (in, out) once at load time and computes x @ W instead, another MKL path on CPU. Measured side by side
-on a 2-core AMD EPYC (AVX2, 2 threads, SmolLM2-135M, 200 cached tokens, medians of 8, both engines in one process),
-a verifier step over B rows x T tokens cost, transposed / torch:
+transformers' `nn.Linear` keeps W as (out, in) and computes x @ Wᵀ with MKL's sgemm on CPU ("torch"). "transposed"
+stores W (in, out) once at load time and computes x @ W, another MKL path. "onednn" reorders W once into oneDNN's
+blocked layout and runs oneDNN's linear (the prepacked path torch's inductor uses on CPU); MKL's sgemm is slow for the
+few rows a decoding step has (a 49,152 x 576 LM head: 17.7 ms for 1 row, 41.7 ms for 2, 47.2 ms for 8; prepacked
+8.5-10, 9.9-10.5, 13-16 ms). Measured side by side on a 2-core AMD EPYC (AVX2, 2 threads, SmolLM2-135M, 200 cached
+tokens, medians of 8, both engines in one process), a verifier step over B rows x T tokens cost, kernel / torch:
 
-    1x1 0.92   2x1 0.82   4x1 1.15   8x1 1.13   16x1 1.12   1x8 1.23   2x8 1.11
+    B x T        1x1   2x1   4x1   8x1   16x1   1x8   2x8   4x8   8x8
+    transposed  0.92  0.82  1.15  1.13  1.12   1.23  1.11
+    onednn      0.96  0.57  0.67  0.78  0.83   0.75  0.82  0.76  0.88
 
-so it speeds up one- and two-row steps (plain decoding at low load) and slows the multi-token steps verification
-runs; "auto" therefore stays transformers' own kernel until a kernel wins at every B (`dspark profile` shows the
-curve). A kernel changes the order of floating-point sums, never what is computed: plain decoding and verification
-run the same kernel, so speculative output stays exactly plain decoding's.
+so "auto" is "onednn" wherever it runs (float32 on CPU) and transformers' own kernel elsewhere (CUDA, bf16). A
+kernel changes the order of floating-point sums, never what is computed: plain decoding and verification run the same
+kernel, so speculative output stays exactly plain decoding's (and the real-model tests check it still equals
+transformers' own greedy decoding).
 """
 
 from __future__ import annotations
@@ -18,15 +22,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-KERNELS = ("auto", "torch", "transposed")
+KERNELS = ("auto", "torch", "transposed", "onednn")
 
 
-def resolve_kernel(kernel: str) -> str:
-    """The kernel a config's `linear_kernel` names: "auto" is transformers' own linear, on every device (see the
-    measurements above)."""
+def onednn_available(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear: CPU tensors, float32 (bf16 needs CPU support oneDNN checks itself)."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def resolve_kernel(kernel: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The kernel a config's `linear_kernel` names on this device and dtype: "auto" is "onednn" where oneDNN's
+    prepacked linear runs (float32 on CPU), transformers' own linear elsewhere (see the measurements above)."""
     if kernel not in KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    return "torch" if kernel == "auto" else kernel
+    if kernel == "onednn" and not onednn_available(device, dtype):
+        raise ValueError(f"the onednn linear kernel runs float32 on CPU only, not {dtype} on {device}")
+    if kernel == "auto":
+        return "onednn" if onednn_available(device, dtype) else "torch"
+    return kernel
 
 
 class TransposedLinear(nn.Module):
@@ -53,30 +71,70 @@ class TransposedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _as_linear(m: TransposedLinear) -> nn.Linear:
-    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight_t.device)
+class OneDnnLinear(nn.Module):
+    """y = x Wᵀ + b through oneDNN, W reordered once into oneDNN's blocked layout (`batch_hint`: the row count the
+    layout is tuned for; any row count runs). `.weight` stays the usual (out, in) parameter for code that reads the
+    weights (the drafter's shared LM head, fingerprints), so the layer holds its weights twice. Moved to another
+    dtype or device (`.to`), it computes as nn.Linear does; copied or pickled, it packs its weights again."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 64):
+        super().__init__()
+        self.in_features, self.out_features, self.batch_hint = linear.in_features, linear.out_features, batch_hint
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # (out, in)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self._pack()
+
+    def _pack(self) -> None:
+        w = self.weight.detach()
+        runs = onednn_available(w.device, w.dtype)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_hint) if runs else None  # opaque
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if self._packed is None or x.dtype != torch.float32:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._pack()
+        return out
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_packed"}  # an opaque tensor neither copies nor pickles
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pack()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _as_linear(m: TransposedLinear | OneDnnLinear) -> nn.Linear:
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device)
     lin.weight = nn.Parameter(m.weight.contiguous(), requires_grad=False)
     lin.bias = m.bias
     return lin
 
 
+_MAKE = {"torch": None, "transposed": TransposedLinear, "onednn": OneDnnLinear}
+_KINDS = (nn.Linear, TransposedLinear, OneDnnLinear)
+
+
 def apply_linear_kernel(model: nn.Module, kernel: str) -> int:
-    """Makes every linear layer of `model` (decoder projections and the LM head) run `kernel`, in place, either way:
-    "transposed" rebuilds each `nn.Linear` as a `TransposedLinear`, "torch" turns them back. Returns how many layers
-    changed (0 when the model already runs `kernel`). The LM head gets its own copy, so a tied input embedding keeps
-    reading its rows."""
-    if kernel == "transposed":
-        old, make = nn.Linear, TransposedLinear
-    elif kernel == "torch":
-        old, make = TransposedLinear, _as_linear
-    else:
+    """Makes every linear layer of `model` (decoder projections and the LM head) run `kernel`, in place, from any
+    other kernel. Returns how many layers changed (0 when the model already runs `kernel`). The LM head gets its own
+    module, so a tied input embedding keeps reading its rows."""
+    if kernel not in _MAKE:
         raise ValueError(f"unknown linear kernel {kernel!r}")
+    want = nn.Linear if _MAKE[kernel] is None else _MAKE[kernel]
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is old
+        if type(child) in _KINDS and type(child) is not want
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, make(child))
+        lin = child if type(child) is nn.Linear else _as_linear(child)
+        setattr(parent, name, lin if want is nn.Linear else want(lin))
     return len(swaps)
