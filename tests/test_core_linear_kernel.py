@@ -16,6 +16,7 @@ from dspark.core.linear_kernel import (
     OneDnnLinear,
     TransposedLinear,
     apply_linear_kernel,
+    linear_over,
     onednn_available,
     resolve_kernel,
 )
@@ -55,6 +56,20 @@ def test_onednn_linear_computes_what_nn_linear_computes():
     torch.testing.assert_close(c(x), lin(x), atol=1e-5, rtol=1e-5)
     b = copy.deepcopy(o).to(torch.bfloat16)  # another dtype: computes as nn.Linear does
     torch.testing.assert_close(b(x.bfloat16()), lin.to(torch.bfloat16)(x.bfloat16()))
+
+
+def test_onednn_linear_passes_gradients_to_its_input_and_linear_over_wraps_a_matrix():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40, bias=False)
+    x = torch.randn(3, 24, requires_grad=True)
+    OneDnnLinear(lin)(x).sum().backward()  # oneDNN's op has no backward: it computes as nn.Linear then
+    want = torch.autograd.grad(lin(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want)
+    w = torch.randn(40, 24)
+    for kernel in ("auto", "torch", "transposed", "onednn"):
+        layer = linear_over(w, kernel)
+        assert layer.weight.shape == (40, 24)
+        torch.testing.assert_close(layer(x.detach()), x.detach() @ w.t(), atol=1e-5, rtol=1e-5)
 
 
 def test_model_runs_each_kernel_in_place_and_back():

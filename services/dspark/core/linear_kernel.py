@@ -90,8 +90,8 @@ class OneDnnLinear(nn.Module):
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_hint) if runs else None  # opaque
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if self._packed is None or x.dtype != torch.float32:
-            return nn.functional.linear(x, self.weight, self.bias)
+        if self._packed is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+            return nn.functional.linear(x, self.weight, self.bias)  # oneDNN's op has no backward
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
     def _apply(self, fn, recurse=True):
@@ -118,6 +118,18 @@ def _as_linear(m: TransposedLinear | OneDnnLinear) -> nn.Linear:
 
 
 _MAKE = {"torch": None, "transposed": TransposedLinear, "onednn": OneDnnLinear}
+
+
+def linear_over(weight: torch.Tensor, kernel: str = "auto") -> nn.Module:
+    """A bias-free linear layer computing x @ weightᵀ (weight (out, in), not copied) with `kernel` ("auto": the
+    fastest that runs on weight's device and dtype), for matrices that are not a model's own layers (the drafter's
+    rows of the LM head over its draft vocabulary)."""
+    kernel = resolve_kernel(kernel, weight.device, weight.dtype)
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return lin if kernel == "torch" else _MAKE[kernel](lin)
+
+
 _KINDS = (nn.Linear, TransposedLinear, OneDnnLinear)
 
 

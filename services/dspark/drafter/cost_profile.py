@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dspark.core.linear_kernel import resolve_kernel
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
@@ -39,6 +40,7 @@ class DraftCostKey:
     device: str
     dtype: str
     threads: int
+    kernel: str = "torch"  # the linear kernel of its LM head rows (core/linear_kernel.py)
 
     @classmethod
     def of(cls, proposer: DSparkProposer, name: str) -> DraftCostKey:
@@ -49,11 +51,12 @@ class DraftCostKey:
             proposer.device.type,
             str(d.fc.weight.dtype).removeprefix("torch."),
             torch.get_num_threads(),
+            resolve_kernel("auto", proposer.device, d.fc.weight.dtype),
         )
 
     @property
     def filename(self) -> str:
-        return f"draft-{self.drafter}-{self.device}-{self.dtype}-t{self.threads}.json"
+        return f"draft-{self.drafter}-{self.device}-{self.dtype}-{self.kernel}-t{self.threads}.json"
 
 
 def quick_rows(max_rows: int) -> list[int]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dspark.core.linear_kernel import linear_over
 from dspark.core.proposer import Proposal, truncated
 from dspark.core.sampling import SamplingParams, logits_to_probs_rows, sample
 
@@ -374,36 +375,40 @@ class DSparkDrafter(nn.Module):
             mask = self.embed_tokens(mask_id).to(self._dtype)
         return torch.cat([anchor, mask.expand(*anchor_ids.shape, G - 1, d)], dim=-2)
 
-    def _logits(self, h, weight: torch.Tensor | None = None):
-        """(..., C) -> (..., V) through the LM head, or (..., N) through `weight`'s rows (the draft vocabulary). The
-        rows go in as one contiguous 2-D matrix: a strided 3-D input (a slice of the block) makes torch fall back to
-        a batched matmul that is 3-5x slower on CPU."""
-        w = self.lm_head.weight if weight is None else weight
+    def _logits(self, h, head: nn.Module | None = None):
+        """(..., C) -> (..., V) through the LM head, or (..., N) through `head` (its rows of the draft vocabulary).
+        The rows go in as one contiguous 2-D matrix: a strided 3-D input (a slice of the block) makes torch fall back
+        to a batched matmul that is 3-5x slower on CPU."""
+        head = self.lm_head if head is None else head
+        w = head.weight
         flat = h.reshape(-1, h.shape[-1]).to(w.dtype).contiguous()  # (rows, C)
-        return F.linear(flat, w).float().view(*h.shape[:-1], w.shape[0])  # (..., V or N)
+        return head(flat).float().view(*h.shape[:-1], w.shape[0])  # (..., V or N)
 
-    def _draft_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The LM head's and Markov W2's rows of the draft vocabulary (None, None: the whole vocabulary)."""
+    def _draft_weights(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """Linear layers over the LM head's and Markov W2's rows of the draft vocabulary, running the fastest kernel
+        for their device and dtype (core/linear_kernel.py); (None, None): the whole vocabulary. Gathered again when
+        the LM head or W2 changes (another tensor, or trained in place)."""
         if self.draft_vocab is None:
             return None, None
         head = self.lm_head.weight
-        key = (self.draft_vocab.device, head.data_ptr(), head.dtype)
+        w2 = None if self.seq is None else self.seq.W2.weight
+        key = (self.draft_vocab.device, head.data_ptr(), head.dtype, head._version, None if w2 is None else w2._version)
         if self._draft_rows is None or self._draft_rows[0] != key:
-            w2 = None if self.seq is None else self.seq.W2.weight[self.draft_vocab].contiguous()
-            self._draft_rows = (key, head[self.draft_vocab].contiguous(), w2)
+            rows = None if w2 is None else linear_over(w2[self.draft_vocab].contiguous())
+            self._draft_rows = (key, linear_over(head[self.draft_vocab].contiguous()), rows)
         return self._draft_rows[1], self._draft_rows[2]
 
     def _confidence_logits(self, h, prev):
         x = h if self.seq is None else torch.cat([h, self.seq.W1(prev).to(h.dtype)], dim=-1)
         return self.confidence(x).squeeze(-1).float()
 
-    def _sequential_step(self, base, h, prev, state, w2: torch.Tensor | None = None):
-        """One position of eq. 4's numerator: U_k + B_k(prev, ·), with the head's carried state; w2: the rows of W2
-        that `base` covers (None: all of it)."""
+    def _sequential_step(self, base, h, prev, state, w2: nn.Module | None = None):
+        """One position of eq. 4's numerator: U_k + B_k(prev, ·), with the head's carried state; w2: a linear layer
+        over the rows of W2 that `base` covers (None: W2 itself)."""
         if self.seq is None:
             return base, state
         z, state = self.seq.step(prev, h, state)
-        return base + F.linear(z, self.seq.W2.weight if w2 is None else w2).float(), state
+        return base + (self.seq.W2 if w2 is None else w2)(z).float(), state
 
     def encode_context(self, features: torch.Tensor, start: int | torch.Tensor = 0) -> ContextKV:
         """(B, L, F) target features of L consecutive tokens at absolute positions start.. -> their context K/V."""
