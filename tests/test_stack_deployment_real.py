@@ -70,17 +70,23 @@ def test_generate_server_equals_generate_local(tmp_path, capsys):
         + ["--grpc-port", str(gp), "--http-port", str(hp)],
     ]
     procs = []
-    try:
-        for cmd, ready in zip(cmds, [f"127.0.0.1:{vp}", f"127.0.0.1:{dp}", f"http://127.0.0.1:{hp}/healthz"]):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dspark.cli", "serve", *cmd],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+
+    def start(cmd):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "dspark.cli", "serve", *cmd],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
-            _wait(ready, procs[-1])
+        )
+        return procs[-1]
+
+    try:
+        verifier, draft = start(cmds[0]), start(cmds[1])  # the two model services load side by side
+        _wait(f"127.0.0.1:{vp}", verifier)
+        _wait(f"127.0.0.1:{dp}", draft)
+        _wait(f"http://127.0.0.1:{hp}/healthz", start(cmds[2]))
         prompt = "What is speculative decoding?"
         for policy in ("dspark", "fixed"):
             flags = ["--max-tokens", "24", "--policy", policy, "--json", prompt]
