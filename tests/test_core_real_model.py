@@ -29,7 +29,7 @@ def target(real_model):
 
 @pytest.fixture(scope="module")
 def prompts(target):
-    texts = [t for name in EVAL_SETS for t in first_turns(name, limit=4)]  # 5 sets x 4 = 20 prompts
+    texts = [t for name in EVAL_SETS for t in first_turns(name, limit=2)]  # 5 sets x 2 = 10 prompts
     return [encode_prompt(target.tokenizer, t)[-400:] for t in texts]
 
 
@@ -39,7 +39,7 @@ def hf_greedy(reference_model, prompts):
 
 
 def test_prompts_come_from_every_eval_set(prompts):
-    assert len(EVAL_SETS) == 5 and len(prompts) >= 20
+    assert len(EVAL_SETS) == 5 and len(prompts) >= 10
 
 
 def test_plain_greedy_equals_transformers_generate(target, prompts, hf_greedy):
@@ -91,7 +91,7 @@ def test_ragged_verify_batch_matches_full_forward(target, prompts):
 def test_batch_independence_of_greedy_output(target, prompts):
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     alone = Decoder(target).generate([prompts[0]], sp)[0].token_ids
-    crowd = Decoder(target).generate([prompts[5], prompts[0], prompts[11], prompts[17]], sp)[1].token_ids
+    crowd = Decoder(target).generate([prompts[5], prompts[0], prompts[7], prompts[9]], sp)[1].token_ids
     assert alone == crowd
 
 
