@@ -17,7 +17,7 @@ from dspark.core.decoding import Decoder
 from dspark.core.engine import TargetEngine
 from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts, round_seconds
 from dspark.core.sampling import SamplingParams
-from dspark.core.scheduler import SpsTable, expected_tokens, prefix_schedule, schedule
+from dspark.core.scheduler import SpsTable, expected_tokens, prefix_schedule, schedule, throughput
 from dspark.drafter.model import DSparkDrafter
 from dspark.drafter.proposer import DSparkProposer
 
@@ -117,7 +117,9 @@ def test_a_dspark_plan_pays_as_algorithm_1_verifies_it(conf, draft_ms, margin):
     d = c(sum(1 for k in caps if k), max(caps))
     lengths = prefix_schedule(drafted, BUMPY, draft_s=d)
     tau = sum(expected_tokens(x, n) for x, n in zip(conf, lengths))
-    assert tau / (1 / BUMPY(len(conf) + sum(lengths)) + d) > margin * len(conf) * BUMPY(len(conf)) * (1 - 1e-9)
+    assert throughput(tau, BUMPY, len(conf) + sum(lengths), d) > margin * throughput(len(conf), BUMPY, len(conf)) * (
+        1 - 1e-9
+    )
 
 
 # -- Algorithm 1 with the drafting time, and the cap that is not binding ----------------------------------------------

@@ -335,10 +335,12 @@ class Decoder:
         caps = list(ks)
         for replica, idx in groups.items():
             sps = self._sps_of(replica)
+            if sps is None:
+                continue
             for policy in NEEDS_SPS:  # dspark first: Algorithm 1 admits its requests before dspark-async's
                 planned = [i for i in idx if batch[i].policy == policy and ks[i] > 0]
                 forecasts = [self._forecast.forecast(batch[i].request_id, ks[i]) for i in planned]
-                if sps is None or not planned or any(f is None for f in forecasts):
+                if not planned or any(f is None for f in forecasts):
                     continue
                 others = [i for i in idx if i not in planned]
                 base_tau = 0.0

@@ -67,7 +67,7 @@ class DraftCost:
 
 def round_seconds(sps: SpsTable, tokens: int, draft_cost: DraftCost | None, rows: int, positions: int) -> float:
     """t(B, R, K): one verify step over B query tokens plus the draft call that proposed R rows x K positions."""
-    return 1.0 / sps(tokens) + (0.0 if draft_cost is None else draft_cost(rows, positions))
+    return 1.0 / sps(tokens) + _draft_seconds(draft_cost, rows, positions)
 
 
 def plan_drafts(

@@ -111,7 +111,9 @@ def _drain(handle, seconds: float, quiet_polls: int = 3, poll_s: float = 0.2, fl
     """After SIGTERM, before Serve's shutdown closes its proxies' connections: wait until the router replicas
     answer no request (`quiet_polls` polls in a row see 0: a call reaches one replica, so several must be asked),
     at most `seconds`, then `flush_s` for the proxy to pass the last messages on. The pod's preStop and readiness
-    have already taken it out of its Service, so no new requests arrive meanwhile. True when it drained in time."""
+    have already taken it out of its Service, so no new connection arrives meanwhile; a client's open connection may
+    still bring new calls (kube-proxy steers connections, not calls), and those can keep it from going quiet until
+    `seconds` run out. True when it drained in time."""
     deadline, quiet = time.monotonic() + seconds, 0
     print(f"SIGTERM: draining the router's requests for up to {seconds:.0f} s", flush=True)
     while time.monotonic() < deadline:
