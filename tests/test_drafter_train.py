@@ -135,6 +135,24 @@ def test_resume_continues_exactly(target, data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_training_over_a_draft_vocabulary(target, data, tmp_path):
+    """draft_vocab=N trains over the N most frequent response tokens of the training split (EOS kept) and ships a
+    drafter that drafts from exactly them."""
+    from dspark.drafter.train import split_heldout, training_vocab
+
+    cfg = small(steps=12, draft_vocab=12, eval_every=6)
+    r = train(cfg, data, tmp_path, model=target, target_name="tiny-llama", progress=False)
+    examples = load_examples(data, cfg.max_seq_len)
+    train_idx, _ = split_heldout(examples, cfg.heldout_frac, cfg.seed)
+    want = training_vocab([examples[i] for i in train_idx], 12, target, None)
+    assert len(want) == 12 and want == sorted(want)
+    back = load_trained_drafter(tmp_path, target)
+    assert back.config.draft_vocab_size == 12 and back.draft_vocab.tolist() == want
+    assert all(1.0 <= e["tau"] <= 5.0 for e in r.log["eval"]) and r.log["calibration"]["blocks"] > 0
+    with pytest.raises(ValueError, match="draft_vocab"):
+        train(small(steps=16), data, tmp_path, resume=True, model=target, progress=False)
+
+
 def test_no_sequential_head_ablation_via_cli(target, data, tmp_path, monkeypatch):
     import dspark.drafter.train
     import dspark.models.model_store

@@ -107,6 +107,64 @@ def test_a_saved_drafter_keeps_its_draft_vocabulary(target_model, tmp_path):
     assert back.config.draft_vocab_size == len(KEEP) and back.draft_vocab.tolist() == KEEP
 
 
+def test_training_logits_are_the_draft_vocabulary_columns(rnn_or_markov, target_model):
+    """Teacher-forced training logits over the draft vocabulary are exactly the full logits' KEEP columns, for both
+    sequential heads, and their gradient reaches W2 only in KEEP's rows."""
+    torch.manual_seed(1)
+    d = DSparkDrafter.from_target_model(
+        target_model, feature_layers=LAYERS, n_layer=1, gamma=4, markov_rank=8, sequential_head=rnn_or_markov
+    )
+    small = with_draft_vocab(d, KEEP).train()
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(2, 12, d.config.feature_size, generator=g)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    anchors = torch.tensor([[1, 6], [3, 7]])
+    full, sub = d(feats, ids, anchors), small(feats, ids, anchors)
+    assert sub.logits.shape == (2, 2, 4, len(KEEP))
+    torch.testing.assert_close(sub.logits, full.logits[..., KEEP])
+    torch.testing.assert_close(sub.conf_logits, full.conf_logits)
+    sub.logits.logsumexp(-1).sum().backward()
+    grad = small.seq.W2.weight.grad
+    off = [t for t in range(V) if t not in KEEP]
+    assert grad[KEEP].abs().sum() > 0 and grad[off].abs().sum() == 0
+
+
+@pytest.fixture(params=["markov", "rnn"])
+def rnn_or_markov(request):
+    return request.param
+
+
+def test_the_draft_vocabulary_loss_is_the_full_loss_of_a_drafter_that_drafts_only_it():
+    """drafter_loss over KEEP's columns, with the target normalised over all V (target_lse), equals the full-vocabulary
+    loss of the same draft distribution put to zero off KEEP: the target's mass off KEEP counts in ||p_d - p_t||_1 and
+    c*, a label off KEEP has no cross-entropy term."""
+    from dspark.drafter.loss import drafter_loss
+
+    g = torch.Generator().manual_seed(4)
+    draft_sub = torch.randn(3, 4, len(KEEP), generator=g)
+    target = torch.randn(3, 4, V, generator=g) * 2
+    labels = torch.randint(0, V, (3, 4), generator=g)
+    conf = torch.randn(3, 4, generator=g)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[2, 2:] = False
+    column = torch.full((V,), -1)
+    column[KEEP] = torch.arange(len(KEEP))
+    draft_full = torch.full((3, 4, V), -torch.inf)
+    draft_full[..., KEEP] = draft_sub
+    sub = drafter_loss(draft_sub, target[..., KEEP], column[labels], conf, valid, target_lse=target.logsumexp(-1))
+    in_keep = column[labels] >= 0
+    full = drafter_loss(draft_full, target, labels.where(in_keep, KEEP[0]), conf, valid)
+    torch.testing.assert_close(sub.tv, full.tv)
+    torch.testing.assert_close(sub.conf, full.conf)
+    torch.testing.assert_close(sub.accept, full.accept)
+    torch.testing.assert_close(sub.tau, full.tau)
+    # cross-entropy: only labels on KEEP count (a label off it is never drafted), with the same denominator
+    w = torch.exp(-torch.arange(4) / 4.0) * valid
+    nll = -draft_sub.log_softmax(-1).gather(-1, column[labels].clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(sub.ce, (w * nll * in_keep).sum() / w.sum())
+    assert (~in_keep & valid).any()  # the case is exercised
+
+
 def decoder(model, d, policy="fixed", max_requests=16):
     engine = TargetEngine(EngineConfig(max_requests=max_requests, max_context=24, feature_layers=LAYERS), model=model)
     return Decoder(engine, DSparkProposer(d), num_draft=4, policy=policy)

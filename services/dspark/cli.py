@@ -497,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train a DSpark drafter on `dspark data` output (resumable)")
     t.add_argument("--data", required=True, help="JSONL written by `dspark data`")
-    t.add_argument("--config", required=True, choices=["tiny", "cpu-small", "full"], help="training preset")
+    t.add_argument(
+        "--config", required=True, choices=["tiny", "cpu-small", "cpu-medium", "full"], help="training preset"
+    )
     t.add_argument("--out", default=None, help="output folder (default: $DSPARK_HOME/drafters/MODEL-CONFIG)")
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: the preset's)")

@@ -2,10 +2,11 @@
 distribution matching to the target, and a confidence loss against the analytic acceptance rate, all weighted by
 block position.
 
-Shapes: (..., gamma, V) logits and (..., gamma) labels, where ... is any batch of blocks, e.g. (B, A) from
-DSparkDrafter.forward. Reduction: each term is sum_k w_k * l_k summed over blocks, divided by sum_k w_k over the valid
-positions. For full blocks that is eqs. 9-11 (a sum over k per block) averaged over blocks and divided by the constant
-sum_k w_k; partially valid blocks (sequence end, prompt) are handled without changing the scale.
+Shapes: (..., gamma, N) logits (N: the whole vocabulary V, or a draft vocabulary) and (..., gamma) labels, where ...
+is any batch of blocks, e.g. (B, A) from DSparkDrafter.forward. Reduction: each term is sum_k w_k * l_k summed over
+blocks, divided by sum_k w_k over the valid positions. For full blocks that is eqs. 9-11 (a sum over k per block)
+averaged over blocks and divided by the constant sum_k w_k; partially valid blocks (sequence end, prompt) are handled
+without changing the scale.
 """
 
 from __future__ import annotations
@@ -59,22 +60,32 @@ def drafter_loss(
     conf_logits: torch.Tensor,
     valid: torch.Tensor | None = None,
     weights: LossWeights | None = None,
+    target_lse: torch.Tensor | None = None,
 ) -> DrafterLosses:
-    """draft_logits (..., gamma, V): the full draft distribution's logits (base + sequential bias, eq. 4);
-    target_logits (..., gamma, V): the target's next-token logits at the same positions (temperature 1);
-    labels (..., gamma): ground-truth tokens x*_k; conf_logits (..., gamma): the confidence head before its sigmoid;
-    valid (..., gamma) bool: which positions count (default all)."""
+    """draft_logits (..., gamma, N): the draft distribution's logits (base + sequential bias, eq. 4) over N tokens, the
+    whole vocabulary or the draft vocabulary; target_logits (..., gamma, N): the target's next-token logits on the
+    same tokens (temperature 1); target_lse (..., gamma): the logsumexp of the target's logits over its whole
+    vocabulary when the N columns are only the draft vocabulary (SpecForge's normalisation; None: they are the whole
+    vocabulary), so p_t keeps its true mass and the mass off the draft vocabulary, which the drafter can never
+    propose, counts in full in ||p_d - p_t||_1 and so in c*; labels (..., gamma): the ground truth x*_k as a column
+    index, negative where it is off the draft vocabulary (no cross-entropy term there); conf_logits (..., gamma): the
+    confidence head before its sigmoid; valid (..., gamma) bool: which positions count (default all)."""
     weights = weights or LossWeights()
     gamma = draft_logits.shape[-2]
     valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.bool()
     w = position_weights(gamma, draft_logits.device) * valid  # (..., gamma)
     denom = w.sum().clamp(min=1e-6)
 
-    logp_d = draft_logits.float().log_softmax(-1)  # (..., gamma, V)
+    logp_d = draft_logits.float().log_softmax(-1)  # (..., gamma, N)
     p_d = logp_d.exp()
-    p_t = target_logits.float().softmax(-1).detach()
-    nll = -logp_d.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (..., gamma)
-    l1 = (p_d - p_t).abs().sum(-1)  # (..., gamma)  ||p_d - p_t||_1
+    t = target_logits.float().detach()
+    if target_lse is None:
+        p_t, off = t.softmax(-1), 0.0
+    else:
+        p_t = (t - target_lse.float().detach()[..., None]).exp()  # (..., gamma, N) sums to the mass on the N tokens
+        off = (1.0 - p_t.sum(-1)).clamp(min=0.0)  # (..., gamma) the target's mass off them
+    nll = -logp_d.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels >= 0)  # (..., gamma)
+    l1 = (p_d - p_t).abs().sum(-1) + off  # (..., gamma)  ||p_d - p_t||_1 over the whole vocabulary
     c_star = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # eq. 8, a soft label: no gradient through it
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), c_star, reduction="none")  # (..., gamma)
 

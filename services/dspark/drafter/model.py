@@ -16,6 +16,7 @@ another block. One attention call per layer trains all A blocks; a block's logit
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,7 +148,8 @@ class ContextKV:
 
 @dataclass
 class DrafterOutput:
-    logits: torch.Tensor  # (B, A, gamma, V) float32: U_k + B_k, the draft distribution's logits (eq. 4)
+    logits: torch.Tensor  # (B, A, gamma, N) float32: U_k + B_k, the draft distribution's logits (eq. 4), over the
+    # draft vocabulary's N tokens (column j is token draft_vocab[j]); N = V without a draft vocabulary
     conf_logits: torch.Tensor  # (B, A, gamma) float32: w·[h_k; W1[x_{k-1}]] before the sigmoid (eq. 7)
     hidden: torch.Tensor  # (B, A, gamma, C): h_k, the backbone's final-normed hidden states
 
@@ -434,7 +436,8 @@ class DSparkDrafter(nn.Module):
         """Teacher-forced blocks for training. features (B, L, F), input_ids (B, L), anchors (B, A) positions t with
         0 <= t < L. Block a has anchor token x_{t_a}, sees the features of tokens < t_a, and its sequential and
         confidence heads are fed the ground-truth previous tokens x_{t_a}, ..., x_{t_a+gamma-1} (clamped at L-1;
-        mask those positions out of the loss with block_labels)."""
+        mask those positions out of the loss with block_labels). With a draft vocabulary the logits cover only its
+        tokens: the LM head's and W2's other rows get no work and no gradient, as they get none when drafting."""
         B, L = input_ids.shape
         A, G = anchors.shape[1], self.config.gamma
         dev = input_ids.device
@@ -447,15 +450,25 @@ class DSparkDrafter(nn.Module):
         sees_blk = (blk[:, None] == blk[None, :]).expand(B, A * G, A * G)  # own block, bidirectional
         h = self.backbone(ctx, x, pos, torch.cat([sees_ctx, sees_blk], dim=-1)).view(B, A, G, -1)  # (B, A, G, C)
         prev = gather_blocks(input_ids, anchors, G)  # (B, A, G): x_{k-1} for k = 1..G, x_0 = the anchor
-        base = self._logits(h)  # (B, A, G, V)  U_k
-        if isinstance(self.seq, MarkovHead):
-            logits = base + self.seq.W2(self.seq.W1(prev)).float()  # all positions at once
+        # over the draft vocabulary when there is one (N columns, the ones drafting can propose), else all V
+        vocab = self.draft_vocab
+        head = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]  # (N, C), frozen
+        flat = h.reshape(-1, h.shape[-1]).to(head.dtype).contiguous()  # (B*A*G, C)
+        base = F.linear(flat, head).float().view(B, A, G, head.shape[0])  # (B, A, G, N)  U_k
+        if self.seq is None:
+            logits = base
         else:
-            state, steps = None, []
-            for k in range(G):
-                lk, state = self._sequential_step(base[:, :, k], h[:, :, k], prev[:, :, k], state)
-                steps.append(lk)
-            logits = torch.stack(steps, dim=2)
+            w2 = self.seq.W2.weight if vocab is None else self.seq.W2.weight[vocab]  # (N, r), trained
+            if isinstance(self.seq, MarkovHead):
+                logits = base + F.linear(self.seq.W1(prev), w2).float()  # all positions at once
+            else:
+                state, steps = None, []
+                for k in range(G):
+                    lk, state = self._sequential_step(
+                        base[:, :, k], h[:, :, k], prev[:, :, k], state, functools.partial(F.linear, weight=w2)
+                    )
+                    steps.append(lk)
+                logits = torch.stack(steps, dim=2)
         return DrafterOutput(logits, self._confidence_logits(h, prev), h)
 
     # -- inference --------------------------------------------------------------------------------------------

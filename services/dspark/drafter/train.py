@@ -45,6 +45,7 @@ target it is given.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -79,6 +80,8 @@ from dspark.drafter.model import (
     prefix_ece,
     sample_anchors,
 )
+from dspark.drafter.vocab import frequent_tokens
+from dspark.models.prompt import eos_token_ids
 from dspark.models.registry import DEFAULT_MODEL
 
 CHECKPOINT = "checkpoint.pt"
@@ -103,6 +106,7 @@ class TrainConfig:
     gamma: int = 7
     sequential_head: str = "markov"  # "markov" | "rnn" | "none" (the ablation: pure parallel drafter)
     markov_rank: int = 256
+    draft_vocab: int = 0  # train over the N most frequent response tokens only, as drafting uses them (0: all V)
     weights_dtype: str = "float32"  # dtype of the saved drafter.safetensors (training itself is float32)
     # data
     max_seq_len: int = 256  # prompt + response tokens per example
@@ -153,7 +157,11 @@ class TrainConfig:
 
     def drafter_overrides(self) -> dict:
         return dict(
-            n_layer=self.n_layer, gamma=self.gamma, sequential_head=self.sequential_head, markov_rank=self.markov_rank
+            n_layer=self.n_layer,
+            gamma=self.gamma,
+            sequential_head=self.sequential_head,
+            markov_rank=self.markov_rank,
+            draft_vocab_size=self.draft_vocab,
         )
 
     @property
@@ -202,6 +210,26 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_every=100,
         heldout_frac=0.04,
         calib_blocks=320,
+    ),
+    # The shipped drafter for SmolLM2-135M from all of `dspark data`'s 3,254 responses, in <= 2 h on 2 CPU cores:
+    # cpu-small's shapes over an 8,192-token draft vocabulary (the loss over its columns only; 2.1x faster steps, 0.99
+    # against 2.11 s measured on the same batches) and so 3.3x its steps; resumable like every run.
+    "cpu-medium": TrainConfig(
+        n_layer=2,
+        markov_rank=64,
+        draft_vocab=8192,
+        weights_dtype="bfloat16",
+        max_seq_len=256,
+        anchors_per_seq=16,
+        batch_size=4,
+        lr=1e-3,
+        warmup=100,
+        steps=4000,
+        eval_every=250,
+        eval_batches=4,
+        checkpoint_every=250,
+        heldout_frac=0.03,
+        calib_blocks=512,
     ),
     # GPU: the paper's 5 draft layers, long windows, many anchors, bf16 autocast; the target forward is recomputed.
     # 8 x 64 anchors x 7 = 3584 supervised positions a step; with a 152k vocabulary each (rows, V) float32 tensor of
@@ -267,6 +295,14 @@ def load_examples(path, max_seq_len: int, limit: int | None = None) -> list[Exam
     if len(out) < 2:
         raise ValueError(f"{path}: need at least 2 examples with a response, found {len(out)}")
     return out
+
+
+def training_vocab(examples: Sequence[Example], size: int, model, tokenizer) -> list[int]:
+    """The draft vocabulary a run trains and drafts over: the `size` most frequent response tokens of its training
+    examples, end-of-sequence tokens always included (drafter/vocab.py)."""
+    counts = collections.Counter(t for e in examples for t in e.ids[e.n_prompt :])
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    return frequent_tokens(counts, min(size, vocab_size), eos_token_ids(model, tokenizer), vocab_size)
 
 
 def split_heldout(examples: list[Example], frac: float, seed: int) -> tuple[list[int], list[int]]:
@@ -443,9 +479,16 @@ def block_loss(drafter: DSparkDrafter, target: Target, batch: Batch, num_anchors
     valid &= keep[..., None]
     # the target's next-token logits at block position k come from token t+k-1: offset 0
     target_logits = target.logits(gather_blocks(batch.final, anchors, G))  # (B, A, G, V)
+    target_lse = None
+    if drafter.draft_vocab is not None:  # the loss over the draft vocabulary's columns, p_t normalised over all V
+        target_lse = target_logits.logsumexp(-1)  # (B, A, G)
+        target_logits = target_logits[..., drafter.draft_vocab]  # (B, A, G, N)
+        column = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long, device=labels.device)
+        column[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab), device=labels.device)
+        labels = column[labels]  # -1: off the draft vocabulary
     with target.amp():
         out = drafter(batch.features, batch.input_ids, anchors)
-    return drafter_loss(out.logits, target_logits, labels, out.conf_logits, valid, weights)
+    return drafter_loss(out.logits, target_logits, labels, out.conf_logits, valid, weights, target_lse)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -645,7 +688,7 @@ class TrainResult:
     drafter: DSparkDrafter | None = field(default=None, repr=False)
 
 
-_SHAPE_FIELDS = ("model", "feature_layers", "n_layer", "gamma", "sequential_head", "markov_rank", "seed")
+_SHAPE_FIELDS = ("model", "feature_layers", "n_layer", "gamma", "sequential_head", "markov_rank", "draft_vocab", "seed")
 
 
 def train(
@@ -690,12 +733,13 @@ def train(
     model = model.to(cfg.device)
     fingerprint = target_fingerprint(model, tokenizer)
     target_name = target_name or cfg.model
-    drafter = DSparkDrafter.from_target_model(model, feature_layers=cfg.feature_layers, **cfg.drafter_overrides())
-    drafter = drafter.to(cfg.device).train()
-    target = Target(model, drafter.config.feature_layers, autocast=cfg.autocast)
-
     examples = load_examples(data, cfg.max_seq_len, cfg.max_examples)
     train_idx, held_idx = split_heldout(examples, cfg.heldout_frac, cfg.seed)
+    drafter = DSparkDrafter.from_target_model(model, feature_layers=cfg.feature_layers, **cfg.drafter_overrides())
+    if cfg.draft_vocab:
+        drafter.set_draft_vocab(training_vocab([examples[i] for i in train_idx], cfg.draft_vocab, model, tokenizer))
+    drafter = drafter.to(cfg.device).train()
+    target = Target(model, drafter.config.feature_layers, autocast=cfg.autocast)
     if cfg.feature_cache:
         key = hashlib.sha256(
             json.dumps([fingerprint, list(drafter.config.feature_layers), [(e.id, e.ids) for e in examples]]).encode()
