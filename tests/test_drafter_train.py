@@ -194,6 +194,28 @@ def test_load_examples_skips_responseless(tmp_path):
         load_examples(p, 16)
 
 
+def test_several_data_files_and_two_samples_of_a_prompt(tmp_path):
+    """--data takes several files (.gz too); two samples of one prompt are held out together or trained on together."""
+    import gzip
+
+    from dspark.drafter.train import split_heldout
+
+    recs = [{"id": f"p:{i}", "prompt_ids": [1, 2], "response_ids": [3, 4, 5 + i]} for i in range(20)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({**r, "response_ids": [6, 7, 8]}) + "\n" for r in recs)
+    both = load_examples([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], 16)
+    assert len(both) == 40 and both[20].ids == (1, 2, 6, 7, 8)
+    assert len(load_examples([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], 16, limit=25)) == 25
+    train_idx, held = split_heldout(both, 0.2, seed=0)
+    assert len(held) == 8 and sorted(train_idx + held) == list(range(40))
+    assert {both[i].id for i in held}.isdisjoint(both[i].id for i in train_idx)
+    # one file of distinct prompts splits as it always did: a seeded permutation of the examples
+    one = load_examples(tmp_path / "a.jsonl", 16)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
+    assert split_heldout(one, 0.2, seed=0) == (sorted(order[4:]), sorted(order[:4]))
+
+
 def test_schedule_and_batch_order():
     cfg = small(lr=1.0, warmup=4, steps=20, min_lr_ratio=0.1)
     assert [lr_at(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

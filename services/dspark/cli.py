@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=cmd_data)
 
     t = sub.add_parser("train", help="train a DSpark drafter on `dspark data` output (resumable)")
-    t.add_argument("--data", required=True, help="JSONL written by `dspark data`")
+    t.add_argument("--data", nargs="+", required=True, help="JSONL files written by `dspark data` (.gz too)")
     t.add_argument(
         "--config", required=True, choices=["tiny", "cpu-small", "cpu-medium", "full"], help="training preset"
     )

@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import gzip
 import hashlib
 import json
 import math
@@ -276,24 +277,32 @@ def make_example(id: str, prompt_ids: Sequence[int], response_ids: Sequence[int]
     return Example(id, tuple(prompt + resp[: max_seq_len - n_prompt]), n_prompt)
 
 
-def load_examples(path, max_seq_len: int, limit: int | None = None) -> list[Example]:
-    """Examples of a `dspark data` JSONL file; those with fewer than 2 response tokens (no anchor) are skipped."""
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ex = make_example(str(rec["id"]), rec["prompt_ids"], rec["response_ids"], max_seq_len)
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a `dspark data` line ({e})") from e
-            if len(ex.ids) - ex.n_prompt >= 2:
-                out.append(ex)
-            if limit is not None and len(out) >= limit:
-                break
+def data_paths(data) -> list[Path]:
+    """One `dspark data` file, or several (e.g. a second sample of every prompt at another temperature)."""
+    return [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(p) for p in data]
+
+
+def load_examples(data, max_seq_len: int, limit: int | None = None) -> list[Example]:
+    """Examples of one or more `dspark data` JSONL files (plain or .gz), in order; those with fewer than 2 response
+    tokens (no anchor) are skipped. limit: the first N examples in all."""
+    out: list[Example] = []
+    for path in data_paths(data):
+        with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
+            for n, line in enumerate(f, 1):
+                if limit is not None and len(out) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    ex = make_example(str(rec["id"]), rec["prompt_ids"], rec["response_ids"], max_seq_len)
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: not a `dspark data` line ({e})") from e
+                if len(ex.ids) - ex.n_prompt >= 2:
+                    out.append(ex)
     if len(out) < 2:
-        raise ValueError(f"{path}: need at least 2 examples with a response, found {len(out)}")
+        names = ", ".join(str(p) for p in data_paths(data))
+        raise ValueError(f"{names}: need at least 2 examples with a response, found {len(out)}")
     return out
 
 
@@ -306,10 +315,21 @@ def training_vocab(examples: Sequence[Example], size: int, model, tokenizer) -> 
 
 
 def split_heldout(examples: list[Example], frac: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): a seeded shuffle, at least one of each."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = min(len(examples) - 1, max(1, round(frac * len(examples))))
-    return sorted(order[n_held:]), sorted(order[:n_held])
+    """(train indices, held-out indices): a seeded shuffle of the prompts (examples sharing an id, e.g. two samples
+    of one prompt, stay on one side), at least one prompt on each."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.id, []).append(i)
+    ids = list(groups)
+    if len(ids) < 2:
+        raise ValueError("need examples of at least 2 prompts to hold one out")
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held = min(len(ids) - 1, max(1, round(frac * len(ids))))
+
+    def side(part: list[int]) -> list[int]:
+        return sorted(i for g in part for i in groups[ids[g]])
+
+    return side(order[n_held:]), side(order[:n_held])
 
 
 @dataclass
@@ -750,7 +770,12 @@ def train(
 
     opt = make_optimizer(drafter, cfg)
     log = {"config": asdict(cfg), "target": {"model": target_name, "fingerprint": fingerprint}, "train": [], "eval": []}
-    log["data"] = {"path": str(data), "examples": len(examples), "train": len(train_idx), "heldout": len(held_idx)}
+    log["data"] = {
+        "path": [str(p) for p in data_paths(data)],
+        "examples": len(examples),
+        "train": len(train_idx),
+        "heldout": len(held_idx),
+    }
     start = 0
     if ckpt is not None:
         drafter.load_drafter_state_dict(ckpt["drafter"])
