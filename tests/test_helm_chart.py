@@ -265,9 +265,11 @@ def test_the_serve_config_carries_policy_queue_and_serve_autoscaling_from_values
     from dspark.router.app import DSparkRouter, RouterArgs
 
     values = {"router.policy": "fixed", "router.maxQueue": 64, "router.serve.autoscaling.maxReplicas": 3}
+    values["router.maxRequestBytes"] = 65536
     app = serve_config(render(helm, values))["applications"][0]
-    RouterArgs(**app["args"])
+    args = RouterArgs(**app["args"])
     assert (app["args"]["policy"], app["args"]["max_queue"]) == ("fixed", 64)
+    assert args.config().max_request_bytes == 65536
     (dep,) = app["deployments"]
     assert dep["autoscaling_config"]["max_replicas"] == 3
     DSparkRouter.options(**{k: v for k, v in dep.items() if k != "name"})

@@ -25,6 +25,8 @@ def test_the_repository_serve_config_gives_ports_args_and_autoscaling():
         1024,
     )
     assert c.deployment["autoscaling_config"]["max_replicas"] == 4
+    assert args.config().max_request_bytes == 1 << 20  # the HTTP body limit is set, and is the router's default
+    assert RouterArgs.model_fields.keys() >= c.args.keys()  # no key the router would not read
     DSparkRouter.options(**c.deployment)  # every option is one Serve's deployment takes
 
 

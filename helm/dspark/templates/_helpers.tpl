@@ -258,6 +258,7 @@ applications:
       max_queue: {{ $v.maxQueue }}
       verifier_recover_s: {{ $v.verifierRecoverSeconds }}
       draft_retry_s: {{ $v.draftRetrySeconds }}
+      max_request_bytes: {{ int $v.maxRequestBytes }}
     deployments:
       - name: DSparkRouter
         max_ongoing_requests: {{ $v.serve.maxOngoingRequests }}
