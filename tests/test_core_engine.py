@@ -22,6 +22,15 @@ def make(arch="llama", **kw) -> tuple[TargetEngine, torch.nn.Module]:
     return TargetEngine(cfg, model=model), model
 
 
+def test_the_slot_cache_goes_in_under_the_name_the_decoder_takes():
+    """transformers renamed the decoder's cache argument (past_key_values, then cache); the engine passes its slot
+    cache under whichever name this version's decoder has, never into **kwargs where it would be ignored."""
+    import inspect
+
+    engine, _ = make("llama")
+    assert engine._cache_arg in inspect.signature(engine.decoder.forward).parameters
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_ragged_batch_matches_full_forward(arch):
     engine, model = make(arch)

@@ -8,6 +8,7 @@ committing them; `commit` keeps the first n of them. Whatever is not committed i
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,10 @@ class TargetEngine:
         apply_linear_kernel(self.model, self.linear_kernel)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
+        # transformers renamed the decoder's cache argument (past_key_values up to 5.2x, then cache); an unknown
+        # keyword would be swallowed by **kwargs and the slot cache silently never used
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.lm_head = model.get_output_embeddings()
         mc = model.config
         self.vocab_size = mc.vocab_size
@@ -179,7 +184,7 @@ class TargetEngine:
             input_ids=ids,
             position_ids=pos.clamp_max(self.config.max_context - 1),
             attention_mask=mask,
-            cache=self.cache,
+            **{self._cache_arg: self.cache},
             use_cache=True,
             output_hidden_states=want_features,
         )
