@@ -163,6 +163,26 @@ def test_forecast_from_earlier_rounds():
     assert f.forecast("a", 1) == pytest.approx([0.99])
 
 
+def test_a_request_that_sits_out_drifts_back_to_the_mean():
+    """A request whose last draft was poor is not stuck with it: every round it drafts nothing moves its forecast
+    halfway to the mean of all drafts per half_life rounds; a fresh draft restarts from its own confidences."""
+    f = ConfidenceForecast(gamma=2, prior=1e9, half_life=2.0)  # prior: calibration ratios stay 1
+    f.observe("good", [0.9, 0.9], verified=2, accepted=2)
+    f.observe("poor", [0.1, 0.1], verified=2, accepted=0)
+    assert f.forecast("poor", 2) == pytest.approx([0.1, 0.1])
+    f.idle("poor")
+    f.idle("poor")  # one half-life: halfway from 0.1 to the mean 0.5
+    assert f.forecast("poor", 2) == pytest.approx([0.3, 0.3])
+    for _ in range(40):
+        f.idle("poor")
+    assert f.forecast("poor", 1) == pytest.approx([0.5], abs=1e-4)
+    assert f.forecast("good", 2) == pytest.approx([0.9, 0.9])  # the others are untouched
+    f.observe("poor", [0.2, 0.2], verified=1, accepted=0)
+    assert f.forecast("poor", 2) == pytest.approx([0.2, 0.2])
+    f.idle("new")  # a request that never drafted has nothing to drift from
+    assert f.forecast("new", 2) == pytest.approx(f._mean())
+
+
 def test_forecast_counts_only_reached_positions():
     f = ConfidenceForecast(gamma=4, prior=0.0)
     f.observe("a", [0.5, 0.5, 0.5], verified=3, accepted=0)  # position 1 rejected: 2 and 3 were never reached

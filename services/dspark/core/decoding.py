@@ -234,6 +234,8 @@ class Decoder:
             r.stats.record(len(p.token_ids), v.accepted)
             if d.confidence is not None and len(d.token_ids):
                 self._forecast.observe(r.request_id, d.confidence.tolist(), len(p.token_ids), v.accepted)
+            elif len(d.token_ids) == 0:
+                self._forecast.idle(r.request_id)
             reason = self._emit(r, v.tokens)
             if reason:
                 self._free(r)

@@ -145,11 +145,18 @@ class ConfidenceForecast:
     what was drafted), times that position's calibration ratio: accepted / predicted over every verified draft
     token that could have been accepted (its predecessors were). A request that never drafted gets the running
     mean of all drafts' confidences. With nothing observed yet there is no forecast (None): the caller drafts in
-    full, which is how the first observations arrive."""
+    full, which is how the first observations arrive.
+
+    A request that stops drafting sees no new confidences of its own, so its last draft would decide every later
+    round: one poor block and it never drafts again, although acceptance changes along a response. Each round
+    it sits out (`idle`) moves its forecast towards the running mean, halfway every `half_life` rounds, until
+    drafting pays again and a fresh draft replaces the old one."""
 
     gamma: int
     prior: float = 2.0  # pseudo-counts pulling the calibration ratio towards 1 while few tokens were verified
+    half_life: float = 4.0  # rounds without a draft that halve the weight of a request's last draft
     _last: dict[str, list[float]] = field(default_factory=dict)
+    _idle: dict[str, int] = field(default_factory=dict)  # rounds since the request's last draft
     _predicted: list[float] = field(init=False)
     _accepted: list[float] = field(init=False)
     _conf_sum: list[float] = field(init=False)
@@ -168,16 +175,30 @@ class ConfidenceForecast:
             return 1.0
         return (self._accepted[j] + self.prior) / (self._predicted[j] + self.prior)
 
+    def _mean(self) -> list[float]:
+        conf: list[float] = []
+        for s, n in zip(self._conf_sum, self._conf_n):
+            conf.append(s / n if n else conf[-1])  # a position never drafted: its predecessor's mean
+        return conf
+
     def forecast(self, request_id: str, k: int) -> list[float] | None:
-        conf = self._last.get(request_id)
-        if conf is None:
-            if not self._conf_n[0]:
-                return None
-            conf = []
-            for s, n in zip(self._conf_sum, self._conf_n):
-                conf.append(s / n if n else conf[-1])  # a position never drafted: its predecessor's mean
+        last = self._last.get(request_id)
+        if last is None and not self._conf_n[0]:
+            return None
+        mean = self._mean()
+        if last is None:
+            conf = mean
+        else:
+            last = last + [last[-1]] * self.gamma
+            w = 0.5 ** (self._idle.get(request_id, 0) / self.half_life)
+            conf = [w * a + (1.0 - w) * b for a, b in zip(last, mean)]
         conf = (conf + [conf[-1]] * self.gamma)[: min(k, self.gamma)]
         return [min(0.99, max(0.0, c * self.ratio(j))) for j, c in enumerate(conf)]
+
+    def idle(self, request_id: str) -> None:
+        """A round in which the request drafted nothing."""
+        if request_id in self._last:
+            self._idle[request_id] = self._idle.get(request_id, 0) + 1
 
     def observe(self, request_id: str, confidence: Sequence[float], verified: int, accepted: int) -> None:
         """A drafted block's confidences, how many of its tokens were verified and how many were accepted."""
@@ -185,6 +206,7 @@ class ConfidenceForecast:
         if not confidence:
             return
         self._last[request_id] = confidence
+        self._idle[request_id] = 0
         for j, c in enumerate(confidence[: self.gamma]):
             self._conf_sum[j] += c
             self._conf_n[j] += 1
@@ -194,3 +216,4 @@ class ConfidenceForecast:
 
     def release(self, request_id: str) -> None:
         self._last.pop(request_id, None)
+        self._idle.pop(request_id, None)
