@@ -359,7 +359,8 @@ def cmd_train(a) -> int:
     from dspark.models.model_store import dspark_home
 
     overrides = {}
-    for key in ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads"):
+    keys = ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads")
+    for key in (*keys, "autocast"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
     cfg = TrainConfig.preset(a.config, **overrides)
@@ -511,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default=None, help="torch device (default: the preset's)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument(
+        "--autocast", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: the preset's)"
+    )
     t.set_defaults(fn=cmd_train)
 
     dv = sub.add_parser("draft-vocab", help="restrict a trained drafter to the N most frequent response tokens")

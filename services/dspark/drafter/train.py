@@ -232,15 +232,18 @@ PRESETS: dict[str, TrainConfig] = {
         heldout_frac=0.03,
         calib_blocks=512,
     ),
-    # GPU: the paper's 5 draft layers, long windows, many anchors, bf16 autocast; the target forward is recomputed.
-    # 8 x 64 anchors x 7 = 3584 supervised positions a step; with a 152k vocabulary each (rows, V) float32 tensor of
-    # the loss is ~2.2 GB and a step holds about a dozen of them, which fits an 80 GB GPU. Not yet run on a GPU.
+    # GPU (deploy/gpu/recipe.py): the paper's 5 draft layers, long windows, many anchors, bf16 autocast; the target
+    # forward is recomputed. 8 x 64 anchors x 7 = 3584 supervised positions a step, the loss over an 8,192-token draft
+    # vocabulary. Markov rank 128, so that the bf16 drafter (~63 MB for SmolLM2, W1 and W2 span the whole vocabulary)
+    # comes back from a device call in 5 files of 15 MiB. Not yet run on a GPU.
     "full": TrainConfig(
         device="cuda",
         dtype="bfloat16",
         autocast=True,
         n_layer=5,
-        markov_rank=256,
+        markov_rank=128,
+        draft_vocab=8192,
+        weights_dtype="bfloat16",
         max_seq_len=2048,
         anchors_per_seq=64,
         feature_cache=False,
