@@ -1,4 +1,4 @@
-"""The GPU training recipe, run on a lent GPU machine (deploy/gpu/README.md): one command, about 10 minutes.
+"""The GPU training recipe, run on a lent GPU machine (deploy/gpu/README.md): one command, sized for one call.
 
     python3 deploy/gpu/recipe.py             # there, after deploy/gpu/prepare.py's calls carried .gpu/ over
     python3 deploy/gpu/recipe.py --dry-run   # here, on CPU with tiny sizes: what tests/test_deploy_gpu_recipe.py runs
