@@ -54,7 +54,8 @@ def test_onednn_linear_computes_what_nn_linear_computes():
     x = torch.randn(3, 24)
     c = copy.deepcopy(o)  # packs its own copy
     torch.testing.assert_close(c(x), lin(x), atol=1e-5, rtol=1e-5)
-    b = copy.deepcopy(o).to(torch.bfloat16)  # another dtype: computes as nn.Linear does
+    b = copy.deepcopy(o).to(torch.bfloat16)  # repacked in bf16 where the CPU has it, else computes as nn.Linear does
+    assert (b._packed is not None) == onednn_available("cpu", torch.bfloat16)
     torch.testing.assert_close(b(x.bfloat16()), lin.to(torch.bfloat16)(x.bfloat16()))
 
 
@@ -92,12 +93,15 @@ def test_model_runs_each_kernel_in_place_and_back():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_is_onednn_for_float32_on_cpu_and_transformers_own_kernel_elsewhere():
+def test_auto_is_onednn_on_cpu_where_it_runs_and_transformers_own_kernel_elsewhere():
     want = "onednn" if onednn_available("cpu", torch.float32) else "torch"  # every x86 torch build has oneDNN
     assert resolve_kernel("auto", "cpu", torch.float32) == want  # faster at every B x T (module docstring)
-    assert resolve_kernel("auto", "cpu", torch.bfloat16) == "torch"
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # avx512_bf16 / AMX: native bf16, else nn.Linear
+    assert onednn_available("cpu", torch.bfloat16) == bf16
+    assert resolve_kernel("auto", "cpu", torch.bfloat16) == ("onednn" if bf16 else "torch")
+    assert resolve_kernel("auto", "cpu", torch.float16) == "torch"
     assert resolve_kernel("auto", "cuda", torch.float32) == "torch"
-    with pytest.raises(ValueError, match="float32 on CPU"):
+    with pytest.raises(ValueError, match="on CPU only"):
         resolve_kernel("onednn", "cuda", torch.float32)
     assert resolve_kernel("torch") == "torch"
     assert resolve_kernel("transposed") == "transposed"
@@ -107,10 +111,20 @@ def test_auto_is_onednn_for_float32_on_cpu_and_transformers_own_kernel_elsewhere
         EngineConfig(linear_kernel="fast")
 
 
-@pytest.mark.parametrize("kernel", ["torch", "transposed", "onednn"])
-def test_speculative_greedy_equals_plain_greedy_under_each_kernel(kernel):
+BF16_ONEDNN = pytest.mark.skipif(
+    not onednn_available("cpu", torch.bfloat16), reason="this CPU has no native bf16 (avx512_bf16 / AMX)"
+)
+
+
+@pytest.mark.parametrize(
+    "kernel,dtype",
+    [("torch", "float32"), ("transposed", "float32"), ("onednn", "float32"), ("torch", "bfloat16")]
+    + [pytest.param("onednn", "bfloat16", marks=BF16_ONEDNN)],
+)
+def test_speculative_greedy_equals_plain_greedy_under_each_kernel(kernel, dtype):
     """Plain decoding and verification run the same kernel, so greedy speculative output is plain decoding's."""
-    target = TargetEngine(EngineConfig(max_requests=3, max_context=64, linear_kernel=kernel), model=tiny_model("llama"))
+    model = tiny_model("llama").to(getattr(torch, dtype))
+    target = TargetEngine(EngineConfig(max_requests=3, max_context=64, linear_kernel=kernel, dtype=dtype), model=model)
     assert target.linear_kernel == kernel
     draft = TargetEngine(EngineConfig(max_requests=3, max_context=64), model=tiny_model("llama", seed=1))
     prompts = [[3, 4, 5], [7, 8, 9, 10, 11], [2, 6]]

@@ -23,8 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--linear-kernel",
         default="auto",
         choices=["auto", "torch", "transposed", "onednn"],
-        help="how the target's projections multiply (auto: onednn's prepacked linear for float32 on CPU, else "
-        "transformers' nn.Linear; transposed: x @ W)",
+        help="how the target's projections multiply (auto: onednn's prepacked linear on CPU for float32, and for "
+        "bfloat16 where the CPU has native bf16; else transformers' nn.Linear; transposed: x @ W)",
     )
 
 
