@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark.core.attention import use_grouped_sdpa
 from dspark.core.config import EngineConfig
 from dspark.core.kv_cache import SlotCache
 from dspark.core.linear_kernel import apply_linear_kernel, resolve_kernel
@@ -59,6 +60,7 @@ class TargetEngine:
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.linear_kernel = resolve_kernel(config.linear_kernel, self.device, next(self.model.parameters()).dtype)
         apply_linear_kernel(self.model, self.linear_kernel)
+        use_grouped_sdpa(self.model)  # no copy of grouped keys/values per layer on CPU (core/attention.py)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
         # transformers renamed the decoder's cache argument (past_key_values up to 5.2x, then cache); an unknown
