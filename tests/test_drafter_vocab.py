@@ -105,6 +105,12 @@ def test_a_saved_drafter_keeps_its_draft_vocabulary(target_model, tmp_path):
     save_trained_drafter(small, tmp_path, "tiny", target_fingerprint(target_model), dtype="bfloat16")
     back = load_trained_drafter(tmp_path, target_model)
     assert back.config.draft_vocab_size == len(KEEP) and back.draft_vocab.tolist() == KEEP
+    column = back.draft_column()  # the training labels' lookup: each kept token's column, -1 elsewhere
+    assert [column[t].item() for t in KEEP] == list(range(len(KEEP)))
+    assert int((column >= 0).sum()) == len(KEEP) and back.draft_column() is column  # built once
+    other = sorted(KEEP[1:] + [min(set(range(back.config.vocab_size)) - set(KEEP))])  # one token swapped
+    back.set_draft_vocab(other)  # a new vocabulary: a new lookup
+    assert [back.draft_column()[t].item() for t in other] == list(range(len(KEEP)))
 
 
 def test_training_logits_are_the_draft_vocabulary_columns(rnn_or_markov, target_model):

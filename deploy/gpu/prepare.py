@@ -41,15 +41,16 @@ def tree_bytes(root: Path = ROOT) -> int:
     return sum((root / p).stat().st_size for p in out.decode().split("\0") if p and (root / p).is_file())
 
 
-def split_file(path: Path, dest: Path, part_bytes: int) -> list[dict]:
-    """Cut `path` into dest/part-00, part-01, ... of at most part_bytes each; their names, sizes and sha256."""
+def split_file(path: Path, dest: Path, part_bytes: int, prefix: str = "part-") -> list[dict]:
+    """Cut `path` into dest/{prefix}00, {prefix}01, ... of at most part_bytes each (earlier parts of that name are
+    removed first); their names, sizes and sha256. recipe.py cuts the trained drafter with it too."""
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("part-*"):
+    for old in dest.glob(f"{prefix}*"):
         old.unlink()
     parts = []
     with open(path, "rb") as f:
         while chunk := f.read(part_bytes):
-            name = f"part-{len(parts):02d}"
+            name = f"{prefix}{len(parts):02d}"
             (dest / name).write_bytes(chunk)
             parts.append({"name": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
     return parts

@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # prepare.py, beside this script, there as here
+from prepare import split_file  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_SETS = ("gsm8k", "mt-bench", "humaneval", "math500", "mbpp")
 PART_BYTES = 15 * 2**20  # under the 16 MiB a returned file may have
@@ -101,12 +104,8 @@ class Stages:
 
 
 def split_into(path: Path, out: Path, part_bytes: int = PART_BYTES) -> list[str]:
-    names = []
-    with open(path, "rb") as f:
-        while chunk := f.read(part_bytes):
-            names.append(f"{path.name}.part-{len(names):02d}")
-            (out / names[-1]).write_bytes(chunk)
-    return names
+    """`path` cut into out/NAME.part-00, -01, ... (prepare.py's splitter); the part names."""
+    return [p["name"] for p in split_file(path, out, part_bytes, prefix=f"{path.name}.part-")]
 
 
 def summary(eval_json: Path) -> dict:

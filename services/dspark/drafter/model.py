@@ -297,6 +297,7 @@ class DSparkDrafter(nn.Module):
         # the draft vocabulary (token ids, ascending), saved with the drafter; None: the whole vocabulary
         self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size) if c.draft_vocab_size else None)
         self._draft_rows: tuple | None = None  # (key, LM head rows, W2 rows) of the draft vocabulary, cached
+        self._column: tuple | None = None  # (key, (V,) column of each token in the draft vocabulary), cached
         self.apply(self._init_weights)
         if self.seq is not None:
             nn.init.normal_(self.seq.W1.weight, std=1.0)  # the scale of the RMS-normed h it is concatenated with
@@ -355,6 +356,17 @@ class DSparkDrafter(nn.Module):
             raise ValueError("draft vocabulary ids outside the vocabulary")
         self.draft_vocab.copy_(ids)
         self._draft_rows = None
+
+    def draft_column(self) -> torch.Tensor:
+        """(V,) each token's column in the draft vocabulary, -1 off it (the training loss's labels); built once per
+        draft vocabulary and device."""
+        vocab = self.draft_vocab
+        key = (vocab.device, vocab.data_ptr(), vocab._version)
+        if self._column is None or self._column[0] != key:
+            column = torch.full((self.config.vocab_size,), -1, dtype=torch.long, device=vocab.device)
+            column[vocab] = torch.arange(len(vocab), device=vocab.device)
+            self._column = (key, column)
+        return self._column[1]
 
     # -- pieces -----------------------------------------------------------------------------------------------
 

@@ -505,9 +505,7 @@ def block_loss(drafter: DSparkDrafter, target: Target, batch: Batch, num_anchors
     if drafter.draft_vocab is not None:  # the loss over the draft vocabulary's columns, p_t normalised over all V
         target_lse = target_logits.logsumexp(-1)  # (B, A, G)
         target_logits = target_logits[..., drafter.draft_vocab]  # (B, A, G, N)
-        column = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long, device=labels.device)
-        column[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab), device=labels.device)
-        labels = column[labels]  # -1: off the draft vocabulary
+        labels = drafter.draft_column().to(labels.device)[labels]  # -1: off the draft vocabulary
     with target.amp():
         out = drafter(batch.features, batch.input_ids, anchors)
     return drafter_loss(out.logits, target_logits, labels, out.conf_logits, valid, weights, target_lse)
