@@ -265,3 +265,15 @@ def test_a_plan_must_beat_not_drafting_by_the_margin():
     f, c = [[0.5, 0.3]], cost(0.0015, 0.0002)
     assert plan_drafts(f, FLAT, c) != [0]  # a little faster than not drafting ...
     assert plan_drafts(f, FLAT, c, margin=1.5) == [0]  # ... but not 50% faster
+
+
+def test_a_plan_is_priced_as_the_engine_pads_its_rows():
+    """The verify step pads every row to the longest block: caps [3, 0, 0, 0] verify 7 tokens but compute 16."""
+    steps = [1.0 if b <= 7 else 1.5 if b <= 12 else 2.0 for b in range(1, 33)]  # seconds per step
+    sps = SpsTable(tuple(range(1, 33)), tuple(1 / t for t in steps))
+    ragged = [[0.9, 0.9, 0.9], [0.1], [0.1], [0.1]]
+    assert plan_drafts(ragged, sps, None) == [3, 0, 0, 0]  # priced by the sum: 7 tokens, as cheap as 4
+    assert plan_drafts(ragged, sps, None, padded_rows=4) == [0, 0, 0, 0]  # 4 x 4 tokens: 2 s for 6.4 tokens
+    even = [[0.9, 0.9, 0.9]] * 4
+    assert plan_drafts(even, sps, None, padded_rows=4) == [2, 2, 2, 2]  # 4 x 3 tokens: 1.5 s for 10.8 tokens
+    assert plan_drafts(ragged, sps, None, padded_rows=4, early_stop=True) == [0, 0, 0, 0]

@@ -360,6 +360,7 @@ class Decoder:
                     base_positions=max((caps[i] for i in drafting), default=0),
                     margin=self.plan_margin,
                     early_stop=policy == "dspark",
+                    padded_rows=len(idx),  # the engine pads every row of a verify step to the longest
                 )
                 for i, c in zip(planned, group_caps):
                     caps[i] = c
