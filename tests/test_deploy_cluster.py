@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -60,7 +61,7 @@ def timed(stage: str):
 
 
 def host_state() -> dict:
-    rules = sh("iptables-save", check=False)
+    rules = sh("iptables-save", check=False) if shutil.which("iptables-save") else ""  # no iptables yet: no rules
     return {
         "sysctl": {s: sh("sysctl", "-n", s, check=False).strip() for s in SYSCTLS},
         "kube_chains": sorted({ln.split()[0][1:] for ln in rules.splitlines() if ln.startswith(":KUBE-")}),

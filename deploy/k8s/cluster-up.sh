@@ -25,7 +25,9 @@ die() { echo "cluster-up: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (containerd, kubelet, iptables, bridges)"
 [ -e /dev/kmsg ] || die "/dev/kmsg missing (the kubelet needs it)"
 [ -d /sys/fs/cgroup/memory ] || [ -f /sys/fs/cgroup/cgroup.controllers ] || die "no memory cgroup"
-for c in containerd containerd-shim-runc-v2 runc ctr etcd iptables iptables-save ip openssl gcc buildah; do
+tools=(containerd containerd-shim-runc-v2 runc ctr etcd iptables iptables-save ip openssl gcc buildah)
+bash "$here/host-packages.sh" "${tools[@]}" /usr/lib/cni/bridge  # apt-get what a fresh Debian machine lacks
+for c in "${tools[@]}"; do
   command -v "$c" >/dev/null || die "$c missing: apt-get install -y etcd-server containerd runc \
 containernetworking-plugins iptables buildah gcc"
 done

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Makes sure the Debian packages the local cluster and `make image` run on are on this machine, installing the
+# missing ones with apt-get (needs root; their services are not started: no systemd here, policy-rc.d refuses).
+# Usage: host-packages.sh COMMAND...   (the commands wanted; default: everything the cluster and the image need)
+set -euo pipefail
+declare -A pkg=(
+  [containerd]=containerd [containerd-shim-runc-v2]=containerd [ctr]=containerd [runc]=runc [etcd]=etcd-server
+  [iptables]=iptables [iptables-save]=iptables [buildah]=buildah [debootstrap]=debootstrap [gcc]=gcc
+  [ip]=iproute2 [openssl]=openssl [/usr/lib/cni/bridge]=containernetworking-plugins
+)
+want=("$@")
+[ ${#want[@]} -gt 0 ] || want=("${!pkg[@]}")
+missing=()
+for c in "${want[@]}"; do
+  [ -n "${pkg[$c]:-}" ] || { echo "host-packages: no package known for $c" >&2; exit 1; }
+  if [ "${c:0:1}" = / ]; then [ -x "$c" ] && continue; else command -v "$c" >/dev/null && continue; fi
+  missing+=("${pkg[$c]}")
+done
+[ ${#missing[@]} -gt 0 ] || exit 0
+missing=($(printf '%s\n' "${missing[@]}" | sort -u))
+if [ "$(id -u)" != 0 ]; then
+  echo "host-packages: missing ${missing[*]} and this is not root: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+echo "host-packages: apt-get install ${missing[*]}" >&2
+install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
+install || { apt-get update -q >&2 && install; }
