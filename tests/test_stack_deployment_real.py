@@ -95,7 +95,9 @@ def test_generate_server_equals_generate_local(tmp_path, capsys):
             local_flags = ["--threads", "1", "--drafter", drafter, "--sps-profile", sps, "--max-requests", "4"]
             assert main(["generate", "--local", *local_flags, *flags]) == 0
             local = json.loads(capsys.readouterr().out)
-            assert remote == local, policy
+            if policy == "dspark":  # its plan prices the draft call, and a remote one costs an RPC round trip more
+                assert remote.pop("stats")["rounds"] > 0 and local.pop("stats")["rounds"] > 0  # so drafts may differ
+            assert remote == local, policy  # the same greedy text and tokens, and for fixed the same rounds too
         assert remote["stats"]["budget"] == remote["stats"]["drafted"] > 0  # fixed: every draft verified
     finally:
         for p in reversed(procs):
