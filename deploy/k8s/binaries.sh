@@ -27,7 +27,8 @@ apt-get install -y -q golang-1.19-go golang-github-modern-go-reflect2-dev rsync 
 # deb-src through a private apt configuration: the system's sources stay untouched
 apt=$k8s/apt
 mkdir -p "$apt/srcparts" "$apt/lists/partial" "$apt/src"
-mirror=$(grep -rhoE '^URIs: *\S+' /etc/apt/sources.list.d/ 2>/dev/null | head -1 | awk '{print $2}')
+# the system's Debian mirror: a URI ending in /debian of an enabled *.sources file (not nodesource, security, ...)
+mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -oE '^URIs: *\S+/debian/?$' | head -1 | awk '{print $2}') || true
 : "${mirror:=http://deb.debian.org/debian}"
 cat >"$apt/srcparts/src.sources" <<EOF
 Types: deb-src
