@@ -162,6 +162,7 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
 
 def test_image_runs_dspark_as_a_non_root_user_and_a_second_build_is_cached(image):
     archive, ref = image
+    sh("bash", "deploy/k8s/host-packages.sh", "skopeo")  # apt-get it on a fresh machine
     config = json.loads(sh("skopeo", "inspect", "--config", f"docker-archive:{archive}"))["config"]
     assert config["Entrypoint"] == ["dspark"] and config["User"] == "10001:10001"
     assert not any(e.startswith("DSPARK_MODEL") for e in config.get("Env", []))

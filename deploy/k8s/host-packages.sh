@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Makes sure the Debian packages the local cluster and `make image` run on are on this machine, installing the
 # missing ones with apt-get (needs root; their services are not started: no systemd here, policy-rc.d refuses).
-# Usage: host-packages.sh COMMAND...   (the commands wanted; default: everything the cluster and the image need)
+# Usage: host-packages.sh COMMAND...   (the commands wanted; default: everything the cluster, the image and the
+# cluster test, which reads the image's config with skopeo, need)
 set -euo pipefail
 declare -A pkg=(
   [containerd]=containerd [containerd-shim-runc-v2]=containerd [ctr]=containerd [runc]=runc [etcd]=etcd-server
   [iptables]=iptables [iptables-save]=iptables [buildah]=buildah [debootstrap]=debootstrap [gcc]=gcc
-  [ip]=iproute2 [openssl]=openssl [/usr/lib/cni/bridge]=containernetworking-plugins
+  [ip]=iproute2 [openssl]=openssl [/usr/lib/cni/bridge]=containernetworking-plugins [skopeo]=skopeo
 )
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=("${!pkg[@]}")
