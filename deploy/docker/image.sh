@@ -27,8 +27,9 @@ if [ -s "$archive" ]; then
   exit 0
 fi
 
-bash "$(dirname "$0")/../k8s/host-packages.sh" buildah debootstrap  # apt-get them on a fresh Debian machine
-command -v buildah >/dev/null || { echo "image.sh: buildah missing (apt-get install buildah debootstrap)" >&2; exit 1; }
+# apt-get them on a fresh Debian machine (host-packages.sh fails when it cannot)
+bash "$(dirname "$0")/../k8s/host-packages.sh" buildah debootstrap \
+  || { echo "image.sh: buildah or debootstrap missing" >&2; exit 1; }
 bh=(buildah --root "$images/storage" --runroot "$images/run" --storage-driver overlay)
 bash deploy/docker/base.sh "$base" >&2
 

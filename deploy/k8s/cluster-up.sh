@@ -25,13 +25,9 @@ die() { echo "cluster-up: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (containerd, kubelet, iptables, bridges)"
 [ -e /dev/kmsg ] || die "/dev/kmsg missing (the kubelet needs it)"
 [ -d /sys/fs/cgroup/memory ] || [ -f /sys/fs/cgroup/cgroup.controllers ] || die "no memory cgroup"
-tools=(containerd containerd-shim-runc-v2 runc ctr etcd iptables iptables-save ip openssl gcc buildah)
-bash "$here/host-packages.sh" "${tools[@]}" /usr/lib/cni/bridge  # apt-get what a fresh Debian machine lacks
-for c in "${tools[@]}"; do
-  command -v "$c" >/dev/null || die "$c missing: apt-get install -y etcd-server containerd runc \
-containernetworking-plugins iptables buildah gcc"
-done
-[ -x /usr/lib/cni/bridge ] || die "/usr/lib/cni/bridge missing (apt-get install containernetworking-plugins)"
+# the tools it runs, apt-get'ed where a fresh Debian machine lacks them (host-packages.sh fails when it cannot)
+bash "$here/host-packages.sh" containerd containerd-shim-runc-v2 runc ctr etcd iptables iptables-save ip openssl gcc \
+  buildah /usr/lib/cni/bridge || die "the host packages above are missing"
 if [ -s "$run/kube-apiserver.pid" ] && kill -0 "$(cat "$run/kube-apiserver.pid")" 2>/dev/null; then
   say "already up"; echo "$pki/admin.kubeconfig"; exit 0
 fi

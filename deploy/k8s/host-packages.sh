@@ -11,11 +11,11 @@ declare -A pkg=(
 )
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=("${!pkg[@]}")
+present() { if [ "${1:0:1}" = / ]; then [ -x "$1" ]; else command -v "$1" >/dev/null; fi; }
 missing=()
 for c in "${want[@]}"; do
   [ -n "${pkg[$c]:-}" ] || { echo "host-packages: no package known for $c" >&2; exit 1; }
-  if [ "${c:0:1}" = / ]; then [ -x "$c" ] && continue; else command -v "$c" >/dev/null && continue; fi
-  missing+=("${pkg[$c]}")
+  present "$c" || missing+=("${pkg[$c]}")
 done
 [ ${#missing[@]} -gt 0 ] || exit 0
 missing=($(printf '%s\n' "${missing[@]}" | sort -u))
@@ -26,3 +26,6 @@ fi
 echo "host-packages: apt-get install ${missing[*]}" >&2
 install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; }
 install || { apt-get update -q >&2 && install; }
+for c in "${want[@]}"; do  # what the packages were installed for is there now, or the caller stops here
+  present "$c" || { echo "host-packages: $c still missing after apt-get install ${pkg[$c]}" >&2; exit 1; }
+done
