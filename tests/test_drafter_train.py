@@ -153,6 +153,33 @@ def test_training_over_a_draft_vocabulary(target, data, tmp_path):
         train(small(steps=16), data, tmp_path, resume=True, model=target, progress=False)
 
 
+def test_fine_tuning_starts_from_a_trained_drafter(target, data, tmp_path):
+    """init_from: the run's step-0 drafter is the given one (weights and draft vocabulary), and a
+    drafter of another shape is refused by name."""
+    first = train(small(steps=12, draft_vocab=12), data, tmp_path / "a", model=target, progress=False)
+    cfg = small(steps=1, draft_vocab=12, init_from=str(tmp_path / "a"), lr=1e-12, warmup=1)
+    tuned = train(cfg, data, tmp_path / "b", model=target, progress=False)
+    a, b = first.drafter.drafter_state_dict(), tuned.drafter.drafter_state_dict()
+    assert torch.equal(a["draft_vocab"], b["draft_vocab"])
+    moved = [k for k in a if k != "conf_temperature" and not torch.allclose(a[k].float(), b[k].float(), atol=1e-3)]
+    assert moved == []  # one step at lr 1e-12: the weights are the initial drafter's (up to bf16 storage)
+    assert tuned.log["config"]["init_from"] == str(tmp_path / "a")
+    assert (
+        tuned.log["train"][0]["loss"]
+        < train(
+            small(steps=1, draft_vocab=12, lr=1e-12, warmup=1), data, tmp_path / "c", model=target, progress=False
+        ).log["train"][0]["loss"]
+    )  # a trained start beats a random one
+    with pytest.raises(ValueError, match="markov_rank"):
+        train(
+            small(steps=1, draft_vocab=12, markov_rank=4, init_from=str(tmp_path / "a")),
+            data,
+            tmp_path / "d",
+            model=target,
+            progress=False,
+        )
+
+
 def test_no_sequential_head_ablation_via_cli(target, data, tmp_path, monkeypatch):
     import dspark.drafter.train
     import dspark.models.model_store

@@ -360,6 +360,7 @@ def cmd_train(a) -> int:
 
     overrides = {}
     keys = ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads")
+    keys += ("init_from", "lr", "warmup")
     for key in (*keys, "autocast"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
@@ -508,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--markov-rank", type=int, default=None, help="rank r of the Markov head (default: the preset's)")
     t.add_argument("--max-examples", type=int, default=None, help="use the first N examples of --data")
     t.add_argument("--stop-after", type=int, default=None, help="end this run after N steps (resume later)")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        help="fine-tune: start from this trained drafter (folder or .safetensors), keeping its draft vocabulary",
+    )
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the preset's)")
     t.add_argument("--model", default=None, help="target (default: the preset's, the default model)")
     t.add_argument("--device", default=None, help="torch device (default: the preset's)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="target weights")

@@ -67,6 +67,7 @@ from dspark.core.sampling import SamplingParams, logits_to_probs
 from dspark.core.verification import verify
 from dspark.drafter.checkpoint import (
     WEIGHTS,
+    load_trained_drafter,
     save_trained_drafter,
     target_fingerprint,
 )
@@ -108,6 +109,7 @@ class TrainConfig:
     sequential_head: str = "markov"  # "markov" | "rnn" | "none" (the ablation: pure parallel drafter)
     markov_rank: int = 256
     draft_vocab: int = 0  # train over the N most frequent response tokens only, as drafting uses them (0: all V)
+    init_from: str | None = None  # start from this trained drafter (its weights and draft vocabulary), not at random
     weights_dtype: str = "float32"  # dtype of the saved drafter.safetensors (training itself is float32)
     # data
     max_seq_len: int = 256  # prompt + response tokens per example
@@ -711,6 +713,21 @@ class TrainResult:
 _SHAPE_FIELDS = ("model", "feature_layers", "n_layer", "gamma", "sequential_head", "markov_rank", "draft_vocab", "seed")
 
 
+def _start_from(drafter: DSparkDrafter, path, model, tokenizer) -> None:
+    """Copy a trained drafter's weights and draft vocabulary into `drafter` (fine-tuning: new data, a new schedule);
+    its shape must be the one this run's config asks for. Its calibration is not kept: the run fits its own."""
+    init = load_trained_drafter(path, model, tokenizer)
+    want, got = asdict(drafter.config), asdict(init.config)
+    diff = [k for k in want if want[k] != got[k]]
+    if diff:
+        raise ValueError(
+            f"cannot start from {path}: its {', '.join(f'{k}={got[k]}' for k in diff)} differ from this run's "
+            f"{', '.join(f'{k}={want[k]}' for k in diff)}"
+        )
+    drafter.load_drafter_state_dict(init.drafter_state_dict())
+    drafter.conf_temperature.fill_(1.0)
+
+
 def train(
     cfg: TrainConfig,
     data,
@@ -756,7 +773,9 @@ def train(
     examples = load_examples(data, cfg.max_seq_len, cfg.max_examples)
     train_idx, held_idx = split_heldout(examples, cfg.heldout_frac, cfg.seed)
     drafter = DSparkDrafter.from_target_model(model, feature_layers=cfg.feature_layers, **cfg.drafter_overrides())
-    if cfg.draft_vocab:
+    if cfg.init_from and ckpt is None:
+        _start_from(drafter, cfg.init_from, model, tokenizer)
+    elif cfg.draft_vocab:
         drafter.set_draft_vocab(training_vocab([examples[i] for i in train_idx], cfg.draft_vocab, model, tokenizer))
     drafter = drafter.to(cfg.device).train()
     target = Target(model, drafter.config.feature_layers, autocast=cfg.autocast)
