@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dspark.bench.policies import format_table, goals, pooled
+from dspark.bench.policies import format_table, goals, pooled, round_breakdown
+from dspark.core.decoding import LoopTimes
+from dspark.core.proposer import DraftTimes
 
 
 def _row(policy, c, tokens, wall, tau=1.0):
@@ -46,3 +48,14 @@ def test_goals_compare_dspark_with_plain_decoding_and_the_best_static_policy_per
     assert g["throughput_dspark_vs_best_baseline"] == {1: pytest.approx(110 / 120), 8: pytest.approx(0.99)}
     lines = format_table(rows).splitlines()
     assert lines[0].split()[:2] == ["policy", "conc"] and lines[3].split()[:2] == ["dspark", "1"]
+
+
+def test_a_round_is_broken_down_into_draft_phases_verify_and_the_rest():
+    loop = LoopTimes(rounds=10, draft_calls=5, draft_s=0.2, verify_s=0.5, prefill_s=0.1)
+    draft = DraftTimes(calls=5, context_s=0.03, backbone_s=0.08, head_s=0.06, wire_s=0.02)
+    b = round_breakdown(loop, draft, wall_s=1.0)
+    assert b["draft_ms"] == pytest.approx(20) and b["verify_ms"] == pytest.approx(50)
+    assert b["prefill_ms"] == pytest.approx(10) and b["other_ms"] == pytest.approx(20)
+    assert [b[f"draft_{p}_ms"] for p in ("context", "backbone", "head", "wire")] == pytest.approx([3, 8, 6, 2])
+    assert b["draft_calls_per_round"] == 0.5
+    assert "draft_head_ms" not in round_breakdown(loop, None, wall_s=1.0)  # a proposer that reports no phases

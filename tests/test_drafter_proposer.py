@@ -36,6 +36,24 @@ def test_greedy_with_dspark_drafter_equals_plain():
     assert proposer._ctx == {} and engine.active == 0  # released
 
 
+def test_drafting_time_is_split_by_phase():
+    """DraftTimes: every call counted, its context, backbone and head phases timed, no wire in process; a round that
+    only absorbs features times its context alone."""
+    engine, proposer = setup()
+    dec = Decoder(engine, proposer, num_draft=4, policy="fixed")
+    dec.generate([[3, 4, 5], [6, 7]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    t = proposer.times
+    assert t.calls == dec.times.draft_calls > 0
+    assert t.context_s > 0 and t.backbone_s > 0 and t.head_s > 0 and t.wire_s == 0
+    assert t.total_s <= dec.times.draft_s  # the loop's draft time includes building the requests
+    before = t.copy()
+    feats = torch.randn(2, proposer.drafter.config.feature_size)
+    proposer.propose([DraftRequest("only-context", [3, 4, 5], 0, SamplingParams(), feats)])
+    spent = proposer.times.minus(before)
+    assert spent.calls == 1 and spent.context_s > 0 and spent.backbone_s == spent.head_s == 0
+    proposer.release("only-context")
+
+
 def test_proposals_carry_confidences_and_exact_q():
     engine, proposer = setup()
     sp = SamplingParams(temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)

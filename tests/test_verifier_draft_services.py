@@ -108,6 +108,21 @@ def test_remote_matches_in_process_statistics_too(stack, target_model):
     assert [c.stats.accepted_per_position for c in remote] == [c.stats.accepted_per_position for c in local]
 
 
+def test_a_remote_draft_call_is_split_into_the_services_phases_and_the_wire(stack):
+    """The draft service reports its compute phases with each answer; the caller counts the rest of its call as the
+    wire, so the phases add up to the call as the caller timed it."""
+    v, d = stack
+    dec = remote_decoder(v.port, d.port, "fixed")
+    dec.generate(PROMPTS, GREEDY)
+    t = dec.proposer.times
+    assert t.calls == dec.proposer.calls == dec.times.draft_calls > 0
+    assert t.context_s > 0 and t.backbone_s > 0 and t.head_s > 0 and t.wire_s > 0
+    assert t.total_s == pytest.approx(dec.times.draft_s, rel=0.2)
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("dspark_draft_phase_seconds_count", {"phase": "backbone"}) >= t.calls
+
+
 def test_sampling_through_the_services_keeps_the_target_distribution(stack, target_model):
     v, d = stack
     n, max_tokens, prompt = 1500, 4, [3, 4, 5]

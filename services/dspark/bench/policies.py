@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dspark.core.decoding import Completion, Decoder, LoopTimes
+from dspark.core.proposer import DraftTimes
 from dspark.core.sampling import SamplingParams
 from dspark.core.scheduler import POLICIES
 from dspark.drafter.eval_sets import EVAL_SETS, first_turns
@@ -56,9 +57,24 @@ def closed_loop(
     return out, time.perf_counter() - start
 
 
+def round_breakdown(loop: LoopTimes, draft: DraftTimes | None, wall_s: float) -> dict[str, float]:
+    """Milliseconds per round: the draft call (its context, backbone, heads and wire, where the proposer reports
+    them), the verify step, prefills, and the rest of the loop (planning, scheduling, bookkeeping)."""
+    n = max(1, loop.rounds)
+    out = loop.per_round_ms()
+    out["prefill_ms"] = 1000 * loop.prefill_s / n
+    out["other_ms"] = 1000 * max(0.0, wall_s - loop.draft_s - loop.verify_s - loop.prefill_s) / n
+    if draft is not None:
+        for name in ("context", "backbone", "head", "wire"):
+            out[f"draft_{name}_ms"] = 1000 * getattr(draft, f"{name}_s") / n
+    return out
+
+
 def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, policy: str, concurrency: int) -> dict:
     """All prompts through dec at `concurrency` requests in flight under `policy`."""
     dec.times = LoopTimes()
+    draft_times = getattr(dec.proposer, "times", None)
+    draft_before = None if draft_times is None else draft_times.copy()
     runs, wall = closed_loop(dec, prompts, [params] * len(prompts), concurrency, f"{policy}-{concurrency}", policy)
     done = [c for _, c, _ in runs]
     tokens = sum(len(c.token_ids) for c in done)
@@ -74,7 +90,8 @@ def run_level(dec: Decoder, prompts: list[list[int]], params: SamplingParams, po
         "budget_per_round": sum(c.stats.scheduled for c in done) / max(1, rounds),
         "drafted_per_round": sum(c.stats.drafted for c in done) / max(1, rounds),
         "tau": (sum(c.stats.accepted for c in done) + rounds) / max(1, rounds),
-        **dec.times.per_round_ms(),  # where a round's time went: the draft call and the verify step
+        # where a round's time went: the draft call (by phase), the verify step, the rest
+        **round_breakdown(dec.times, None if draft_times is None else draft_times.minus(draft_before), wall),
     }
 
 
@@ -155,15 +172,17 @@ def plot(rows: list[dict], out_dir: Path, title: str) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per row; the ms columns are per round: draft (ctx = context, bb = backbone, head), verify, other."""
     lines = [
         f"{'policy':15s} {'conc':>4s} {'agg tok/s':>9s} {'user tok/s':>10s} {'budget':>6s} {'tau':>5s} "
-        f"{'draft ms':>8s} {'verify ms':>9s} {'calls':>5s}"
+        f"{'calls':>5s} {'draft':>6s} {'ctx':>5s} {'bb':>5s} {'head':>5s} {'verify':>6s} {'other':>5s}"
     ]
     for r in rows:
         lines.append(
             f"{r['policy']:15s} {r['concurrency']:4d} {r['throughput_tps']:9.2f} {r['per_user_tps']:10.2f} "
-            f"{r['budget_per_round']:6.2f} {r['tau']:5.2f} {r.get('draft_ms', 0):8.1f} {r.get('verify_ms', 0):9.1f} "
-            f"{r.get('draft_calls_per_round', 0):5.2f}"
+            f"{r['budget_per_round']:6.2f} {r['tau']:5.2f} {r.get('draft_calls_per_round', 0):5.2f} "
+            f"{r.get('draft_ms', 0):6.1f} {r.get('draft_context_ms', 0):5.1f} {r.get('draft_backbone_ms', 0):5.1f} "
+            f"{r.get('draft_head_ms', 0):5.1f} {r.get('verify_ms', 0):6.1f} {r.get('other_ms', 0):5.1f}"
         )
     return "\n".join(lines)
 

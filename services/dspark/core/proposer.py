@@ -5,7 +5,8 @@ history, which tells them how much of their proposal survived.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 import torch
@@ -38,6 +39,37 @@ class Proposal:
     @classmethod
     def empty(cls, vocab_size: int, device="cpu") -> Proposal:
         return cls(torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab_size, device=device))
+
+
+@dataclass
+class DraftTimes:
+    """Where a proposer's time went, summed over its calls (seconds). In process the wire is 0; a remote proposer
+    takes the three compute phases from the draft service's answer and counts the rest of the call as wire: the
+    RPC, (de)serialising features and draft distributions, the service's queue."""
+
+    calls: int = 0
+    context_s: float = 0.0  # new target features into each request's draft context, contexts batched for the pass
+    backbone_s: float = 0.0  # the parallel backbone over every row's block
+    head_s: float = 0.0  # per drafted position: LM head, sequential head, confidence, sampling
+    wire_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.context_s + self.backbone_s + self.head_s + self.wire_s
+
+    def copy(self) -> DraftTimes:
+        return replace(self)
+
+    def minus(self, earlier: DraftTimes) -> DraftTimes:
+        """What was added since `earlier` (a copy taken then)."""
+        return DraftTimes(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
+
+
+def synced_clock(device: torch.device) -> float:
+    """time.perf_counter() once the device has finished what was queued (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def truncated(params: SamplingParams, max_support: int | None) -> SamplingParams:

@@ -150,8 +150,14 @@ class DraftCore:
             )
             for r in m.requests
         ]
+        before = self.proposer.times.copy()
         out = self.draft(items)
+        spent = self.proposer.times.minus(before)
+        metrics.observe_draft_times(spent)
         return dpb.DraftOutput(
+            times=dpb.DraftTimes(
+                context_seconds=spent.context_s, backbone_seconds=spent.backbone_s, head_seconds=spent.head_s
+            ),
             drafts=[
                 dpb.Draft(
                     token_ids=p.token_ids.tolist(),
@@ -159,7 +165,7 @@ class DraftCore:
                     confidence=[] if p.confidence is None else p.confidence.tolist(),
                 )
                 for p in out
-            ]
+            ],
         )
 
 

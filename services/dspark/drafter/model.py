@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dspark.core.linear_kernel import linear_over
-from dspark.core.proposer import Proposal, truncated
+from dspark.core.proposer import DraftTimes, Proposal, synced_clock, truncated
 from dspark.core.sampling import SamplingParams, logits_to_probs_rows, sample
 
 SEQUENTIAL_HEADS = ("markov", "rnn", "none")
@@ -495,12 +495,14 @@ class DSparkDrafter(nn.Module):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         num_draft: int | None = None,
         max_support: int | None = None,
+        times: DraftTimes | None = None,
     ) -> Draft:
         """Draft num_draft (<= gamma) tokens for each of B requests. context: ContextKV or (B, L, F) features (row b
         valid for its first ctx_lens[b] tokens, the tokens before its anchor); anchor_ids (B,). params (default:
         SamplingParams()) and generator may be one for all rows or one per row. Tokens are sampled left to right,
         each from q_k = logits_to_probs(U_k + B_k(x_{<k}), params), which is returned as the rejection-sampling q.
-        max_support caps q's support at that many tokens (a top-k on top of params), so q is small on the wire."""
+        max_support caps q's support at that many tokens (a top-k on top of params), so q is small on the wire.
+        times: add the backbone's and the heads' seconds to it (the device synchronised around each)."""
         K = self.config.gamma if num_draft is None else num_draft
         if not 0 <= K <= self.config.gamma:
             raise ValueError(f"num_draft must be in 0..{self.config.gamma}, got {K}")
@@ -515,7 +517,9 @@ class DSparkDrafter(nn.Module):
         pos = ctx_lens[:, None] + torch.arange(G, device=dev)  # (B, G): the block sits right after its context
         sees_ctx = (torch.arange(L, device=dev) < ctx_lens[:, None])[:, None].expand(B, G, L)  # (B, G, L)
         mask = torch.cat([sees_ctx, torch.ones(B, G, G, dtype=torch.bool, device=dev)], dim=-1)
+        t0 = 0.0 if times is None else synced_clock(dev)
         h = self.backbone(context, self._block_inputs(anchor_ids), pos, mask)[:, :K]  # (B, K, C)
+        t1 = 0.0 if times is None else synced_clock(dev)
         vocab = self.draft_vocab  # (N,) token ids, or None: all V
         head_w, w2 = self._draft_weights()
         base = self._logits(h, head_w)  # (B, K, N or V)
@@ -539,6 +543,9 @@ class DSparkDrafter(nn.Module):
                 q = torch.zeros(B, V, device=dev).index_copy_(1, vocab, q)  # (B, V): 0 off the draft vocabulary
             tokens.append(prev)
             probs.append(q)
+        if times is not None:
+            times.backbone_s += t1 - t0
+            times.head_s += synced_clock(dev) - t1
         if K == 0:
             empty = torch.zeros(B, 0, device=dev)
             return Draft(empty.long(), torch.zeros(B, 0, V, device=dev), empty)

@@ -4,10 +4,12 @@ target features that arrive with each DraftRequest, and drafts all requests of a
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from dspark.core.planner import DraftCost
-from dspark.core.proposer import DraftRequest, Proposal
+from dspark.core.proposer import DraftRequest, DraftTimes, Proposal, synced_clock
 from dspark.core.sampling import DRAFT_STREAM, RandomStreams
 from dspark.drafter.model import ContextKV, DSparkDrafter
 
@@ -20,6 +22,7 @@ class DSparkProposer:
         self.max_support = max_support
         self.draft_cost: DraftCost | None = None  # t_draft(R, K), when profiled (drafter/cost_profile.py)
         self.device = next(drafter.parameters()).device
+        self.times = DraftTimes()  # where drafting's time went, summed over calls
         self._ctx: dict[str, ContextKV] = {}  # context K/V of every token before the request's anchor
         self._rng = RandomStreams(DRAFT_STREAM, self.device)  # draft tokens from position p on: keyed by p
 
@@ -55,6 +58,7 @@ class DSparkProposer:
             )
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
+        t = time.perf_counter()
         for r in requests:
             self._absorb(r)
         V = self.drafter.config.vocab_size
@@ -65,6 +69,7 @@ class DSparkProposer:
             if k_max > self.gamma:
                 raise ValueError(f"num_draft {k_max} exceeds the drafter's block size gamma={self.gamma}")
             ctx, lens = ContextKV.batch([self._ctx[r.request_id] for r in active])
+            self.times.context_s += synced_clock(self.device) - t
             draft = self.drafter.propose(
                 ctx,
                 lens,
@@ -73,9 +78,13 @@ class DSparkProposer:
                 generator=[self._rng.at(r.request_id, len(r.token_ids)) for r in active],
                 num_draft=k_max,
                 max_support=self.max_support,
+                times=self.times,
             )
             # a row drafted past its own k only consumed randomness: its first k tokens and q are exact
             for i, r in enumerate(active):
                 k = r.num_draft
                 out[r.request_id] = Proposal(draft.tokens[i, :k], draft.probs[i, :k], draft.confidence[i, :k])
+        else:
+            self.times.context_s += synced_clock(self.device) - t
+        self.times.calls += 1
         return [out[r.request_id] for r in requests]

@@ -22,7 +22,7 @@ import torch
 
 from dspark.core.engine import CapacityError, ContextLengthError
 from dspark.core.planner import DraftCost
-from dspark.core.proposer import DraftRequest, Proposal
+from dspark.core.proposer import DraftRequest, DraftTimes, Proposal
 from dspark.core.scheduler import SpsTable
 from dspark.core.verifier import Prefilled, PrefillItem, Verified, VerifyItem
 from dspark.serving import telemetry, wire
@@ -241,6 +241,7 @@ class RemoteProposer:
         self.failures = 0  # rounds that fell back to plain decoding
         self.reopened = 0  # sessions the service had lost, reopened from the start
         self.calls = 0  # successful Draft calls
+        self.times = DraftTimes()  # the service's compute phases (from its answers) and the rest of each call
 
     def info(self, timeout_s: float = 5.0) -> dpb.DraftInfo | None:
         try:
@@ -317,6 +318,7 @@ class RemoteProposer:
             return self._empty(requests)
         if self.gamma is None and self.info(timeout_s=min(1.0, self.timeout_s)) is None:
             return self._down(requests, "unreachable")
+        t = time.perf_counter()
         for attempt in range(2):
             try:
                 metadata = telemetry.outgoing_metadata()
@@ -333,6 +335,11 @@ class RemoteProposer:
                 return self._down(requests, e.code().name)
         self.calls += 1
         proposals = []
+        spent = out.times
+        self.times.calls += 1
+        self.times.context_s += spent.context_seconds
+        self.times.backbone_s += spent.backbone_seconds
+        self.times.head_s += spent.head_seconds
         for r, d in zip(requests, out.drafts):
             self._sent[r.request_id] = len(r.token_ids)
             k = len(d.token_ids)
@@ -343,6 +350,8 @@ class RemoteProposer:
                     torch.tensor(list(d.confidence), dtype=torch.float32) if len(d.confidence) == k else None,
                 )
             )
+        compute = spent.context_seconds + spent.backbone_seconds + spent.head_seconds
+        self.times.wire_s += max(0.0, time.perf_counter() - t - compute)
         return proposals
 
     def _down(self, requests: list[DraftRequest], why: str) -> list[Proposal]:

@@ -71,6 +71,15 @@ SESSIONS = Gauge("dspark_sessions", "open sessions", ["service"])
 MAX_SESSIONS = Gauge("dspark_max_sessions", "sessions the service holds at most", ["service"])
 KV_TOKENS = Gauge("dspark_verifier_kv_tokens", "tokens held in the verifier's KV cache")
 KV_CAPACITY = Gauge("dspark_verifier_kv_capacity_tokens", "tokens the verifier's KV cache can hold")
+DRAFT_PHASE_SECONDS = Histogram(
+    "dspark_draft_phase_seconds", "draft service compute per Draft call by phase", ["phase"], buckets=LATENCY
+)
+
+
+def observe_draft_times(t) -> None:
+    """One Draft call's DraftTimes (core/proposer.py) into the phase histogram."""
+    for phase in ("context", "backbone", "head"):
+        DRAFT_PHASE_SECONDS.labels(phase=phase).observe(getattr(t, f"{phase}_s"))
 
 
 @dataclass
