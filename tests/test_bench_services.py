@@ -10,10 +10,13 @@ from dspark.bench.services import (
     IN_PROCESS,
     SERVED_PLAIN,
     Sample,
+    format_breakdown,
     format_table,
     goals,
     matching,
+    parse_metrics,
     ratios,
+    service_breakdown,
     summarise,
     versus_plain,
 )
@@ -92,3 +95,55 @@ def test_the_stack_it_starts_is_the_serve_local_one():
     assert "--no-ray" in ra and rh == "http://127.0.0.1:4/healthz"
     a = replace(a, metrics_ports=None)  # `dspark serve local`: the services' default metrics ports
     assert "--metrics-port" not in pieces(a)[0][1]
+
+
+def _router(rounds, draft, verify, other):
+    return parse_metrics(
+        f"""# TYPE dspark_rounds_total counter
+dspark_rounds_total {rounds}
+# TYPE dspark_round_seconds histogram
+dspark_round_seconds_sum{{phase="draft"}} {draft}
+dspark_round_seconds_sum{{phase="verify"}} {verify}
+dspark_round_seconds_sum{{phase="other"}} {other}
+"""
+    )
+
+
+def _draft(context, backbone, head):
+    return parse_metrics(
+        "".join(
+            f'dspark_draft_phase_seconds_sum{{phase="{p}"}} {v}\n'
+            for p, v in (("context", context), ("backbone", backbone), ("head", head))
+        )
+    )
+
+
+def test_a_round_through_the_services_is_split_by_phase_from_their_metrics():
+    """Two scrapes of router, draft and verifier /metrics: per round, the router's draft and verify calls, the
+    draft service's compute phases, and the wire as what a call took beyond the service's own time."""
+    verifier = 'dspark_rpc_seconds_sum{service="verifier",method="verify"} %s\n'
+    before = {
+        "router": _router(10, 1.0, 2.0, 0.5),
+        "draft": _draft(0.1, 0.2, 0.3),
+        "verifier": parse_metrics(verifier % 1.5),
+    }
+    after = {
+        "router": _router(20, 1.5, 3.0, 0.6),
+        "draft": _draft(0.12, 0.4, 0.5),
+        "verifier": parse_metrics(verifier % 2.4),
+    }
+    b = service_breakdown(before, after)
+    assert b["rounds"] == 10
+    assert (
+        b["draft_ms"] == pytest.approx(50)
+        and b["verify_ms"] == pytest.approx(100)
+        and b["other_ms"] == pytest.approx(10)
+    )
+    assert [b[k] for k in ("draft_context_ms", "draft_backbone_ms", "draft_head_ms")] == pytest.approx([2, 20, 20])
+    assert b["draft_wire_ms"] == pytest.approx(8) and b["verify_wire_ms"] == pytest.approx(10)
+    assert service_breakdown(before, before) == {}  # no rounds in between
+    assert service_breakdown({}, {"router": _router(5, 0.5, 0.5, 0.0)})["draft_wire_ms"] == pytest.approx(100)
+    table = format_breakdown(
+        [{"mode": DISAGGREGATED, "concurrency": 1, "per_round_ms": b}, {"mode": "x", "concurrency": 1}]
+    )
+    assert len(table.splitlines()) == 2 and table.splitlines()[1].split()[:3] == [DISAGGREGATED, "1", "50.0"]

@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from dspark.bench.policies import closed_loop, eval_prompts
+from dspark.bench.policies import closed_loop, eval_prompts, round_breakdown
+from dspark.core.decoding import LoopTimes
+from dspark.core.proposer import DraftTimes
 from dspark.core.sampling import SamplingParams
 
 IN_PROCESS, DISAGGREGATED = "in-process", "disaggregated"
@@ -140,6 +142,64 @@ def format_table(rows: list[dict], ratio_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# what the services' /metrics say about a run, as deltas: (metric sample name, labels) per column
+SERVICE_PHASES = {
+    "draft_ms": ("router", "dspark_round_seconds_sum", {"phase": "draft"}),  # the router's Draft call
+    "verify_ms": ("router", "dspark_round_seconds_sum", {"phase": "verify"}),  # the router's Verify call
+    "other_ms": ("router", "dspark_round_seconds_sum", {"phase": "other"}),  # the router's own work in the round
+    "draft_context_ms": ("draft", "dspark_draft_phase_seconds_sum", {"phase": "context"}),
+    "draft_backbone_ms": ("draft", "dspark_draft_phase_seconds_sum", {"phase": "backbone"}),
+    "draft_head_ms": ("draft", "dspark_draft_phase_seconds_sum", {"phase": "head"}),
+    "verify_service_ms": ("verifier", "dspark_rpc_seconds_sum", {"service": "verifier", "method": "verify"}),
+}
+ROUNDS = ("router", "dspark_rounds_total", {})
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text exposition -> {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def service_breakdown(before: dict[str, dict], after: dict[str, dict]) -> dict[str, float]:
+    """Per router round, from two scrapes of each service ({"router" | "draft" | "verifier": parse_metrics(...)}):
+    the router's draft call, verify call and other work; the draft service's compute phases; what the verifier
+    service spent in Verify calls (its queue included). The draft call less the draft service's phases is the draft
+    wire (RPC, serialisation, queue); the verify call less the service's is the verify wire."""
+
+    def delta(where, name, labels):
+        key = (name, frozenset(labels.items()))
+        return after.get(where, {}).get(key, 0.0) - before.get(where, {}).get(key, 0.0)
+
+    rounds = delta(*ROUNDS)
+    if rounds <= 0:
+        return {}
+    out = {col: 1000.0 * delta(*spec) / rounds for col, spec in SERVICE_PHASES.items()}
+    compute = out["draft_context_ms"] + out["draft_backbone_ms"] + out["draft_head_ms"]
+    out["draft_wire_ms"] = max(0.0, out["draft_ms"] - compute)
+    out["verify_wire_ms"] = max(0.0, out["verify_ms"] - out["verify_service_ms"])
+    out["rounds"] = rounds
+    return out
+
+
+def format_breakdown(rows: list[dict]) -> str:
+    """Milliseconds per round, by phase, for the rows that have a breakdown."""
+    cols = ("draft_ms", "draft_context_ms", "draft_backbone_ms", "draft_head_ms", "draft_wire_ms", "verify_ms")
+    cols += ("verify_wire_ms", "other_ms")
+    names = ("draft", "ctx", "bb", "head", "d-wire", "verify", "v-wire", "other")
+    lines = [f"{'ms per round':14s} {'conc':>4s} " + " ".join(f"{n:>6s}" for n in names)]
+    for r in rows:
+        b = r.get("per_round_ms")
+        if b:
+            lines.append(f"{r['mode']:14s} {r['concurrency']:4d} " + " ".join(f"{b.get(c, 0.0):6.1f}" for c in cols))
+    return "\n".join(lines)
+
+
 def matching(a: list[Sample], b: list[Sample]) -> float:
     """Fraction of prompts whose outputs are identical in both lists (by prompt index; first sample of each)."""
     first_a, first_b = {}, {}
@@ -209,6 +269,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scrape(urls: dict[str, str]) -> dict[str, dict]:
+    """Each service's /metrics, parsed; a service that does not answer gives {}."""
+    import urllib.request
+
+    out = {}
+    for where, url in urls.items():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as f:
+                out[where] = parse_metrics(f.read().decode())
+        except OSError:
+            out[where] = {}
+    return out
+
+
 def run(a, config) -> dict:
     import grpc
     import torch
@@ -242,12 +316,19 @@ def run(a, config) -> dict:
         draft_port=free_port(),
         grpc_port=free_port(),
         http_port=free_port(),
-        metrics_ports=(0, 0),
+        metrics_ports=(free_port(), free_port()),
         no_ray=not a.ray,
         wait=a.wait,
     )
     logs = dspark_home() / "logs" / "bench-services"
     runs: dict[tuple[str, int], list[tuple[list[Sample], float]]] = {}
+    scrapes: dict[tuple[str, int], list[tuple[dict, dict]]] = {}  # (before, after) of each run through the stack
+    draft_times: dict[tuple[str, int], list] = {}  # in process: (LoopTimes, DraftTimes, wall) of each run
+    urls = {
+        "router": f"http://127.0.0.1:{stack.http_port}/metrics",
+        "verifier": f"http://127.0.0.1:{stack.metrics_ports[0]}/metrics",
+        "draft": f"http://127.0.0.1:{stack.metrics_ports[1]}/metrics",
+    }
     with local_stack(stack, logs, log=log):
         with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
             stub = generation_pb2_grpc.GenerationServiceStub(channel)
@@ -265,7 +346,15 @@ def run(a, config) -> dict:
                 for rep in range(a.repeats):
                     order = list(modes) if rep % 2 == 0 else list(reversed(modes))
                     for mode in order:
+                        before = scrape(urls) if mode != IN_PROCESS else None
+                        ptimes = getattr(dec.proposer, "times", None) or DraftTimes()
+                        dec.times, draft_before = LoopTimes(), ptimes.copy()
                         samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
+                        if before is None:
+                            spent = ptimes.minus(draft_before)
+                            draft_times.setdefault((mode, c), []).append((dec.times, spent, wall))
+                        else:
+                            scrapes.setdefault((mode, c), []).append((before, scrape(urls)))
                         runs.setdefault((mode, c), []).append((samples, wall))
                         row = summarise(mode, c, [(samples, wall)])
                         log(
@@ -273,6 +362,23 @@ def run(a, config) -> dict:
                             f"{row['ms_per_token']:.1f} ms/token"
                         )
     rows = [summarise(mode, c, runs[mode, c]) for c in levels for mode in modes]
+    for r in rows:
+        key = (r["mode"], r["concurrency"])
+        if key in scrapes:  # the repeats pooled: the first scrape before, the last after, counters only grow
+            r["per_round_ms"] = service_breakdown(scrapes[key][0][0], scrapes[key][-1][1])
+        elif key in draft_times:
+            loops = draft_times[key]
+            loop = LoopTimes(
+                rounds=sum(lt.rounds for lt, _, _ in loops),
+                draft_calls=sum(lt.draft_calls for lt, _, _ in loops),
+                draft_s=sum(lt.draft_s for lt, _, _ in loops),
+                verify_s=sum(lt.verify_s for lt, _, _ in loops),
+                prefill_s=sum(lt.prefill_s for lt, _, _ in loops),
+            )
+            spent = DraftTimes()
+            for _, d, _ in loops:
+                spent = spent.plus(d)
+            r["per_round_ms"] = round_breakdown(loop, spent, sum(w for _, _, w in loops))
     same = {
         c: matching(
             [s for ss, _ in runs[IN_PROCESS, c] for s in ss], [s for ss, _ in runs[DISAGGREGATED, c] for s in ss]
@@ -299,6 +405,7 @@ def run(a, config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "services.json").write_text(json.dumps(result, indent=1))
     print(format_table(rows, ratio_rows))
+    print(format_breakdown(rows))
     print("identical outputs (fraction of prompts): " + ", ".join(f"c={c}: {f:.2f}" for c, f in same.items()))
     print(json.dumps(result["goals"], indent=1))
     print(f"wrote {out / 'services.json'}")

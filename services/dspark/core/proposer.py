@@ -60,6 +60,9 @@ class DraftTimes:
     def copy(self) -> DraftTimes:
         return replace(self)
 
+    def plus(self, other: DraftTimes) -> DraftTimes:
+        return DraftTimes(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
     def minus(self, earlier: DraftTimes) -> DraftTimes:
         """What was added since `earlier` (a copy taken then)."""
         return DraftTimes(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
