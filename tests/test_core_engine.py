@@ -46,6 +46,33 @@ def test_ragged_batch_matches_full_forward(arch):
         torch.testing.assert_close(out.logits, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_a_padded_forward_multiplies_only_its_real_tokens(arch):
+    """Rows of 4, 1 and 2 query tokens pad to 3 x 4 = 12 positions; the MLPs and attention projections get the 7 real
+    ones (core/ragged_rows.py), and every logit and feature is what the padded computation gives."""
+    engine, model = make(arch, feature_layers=(1, 2))
+    assert engine.ragged
+    seen = []
+    layer = engine.decoder.layers[0]
+    for m in (layer.mlp, layer.self_attn.q_proj, layer.self_attn.o_proj):
+        m.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[:-1])))
+    blocks = [QueryBlock("a", [3, 4, 5, 6]), QueryBlock("b", [7]), QueryBlock("c", [8, 9])]
+    for b in blocks:
+        engine.add(b.request_id)
+        engine.prefill(b.request_id, [2, 11, 12])
+    seen.clear()
+    ragged = engine.forward(blocks)
+    assert seen == [(1, 7)] * 3
+    engine.ragged = False  # the same forward, padded all through
+    seen.clear()
+    padded = engine.forward(blocks)
+    assert seen == [(3, 4)] * 3
+    for r, p, b in zip(ragged, padded, blocks):
+        assert r.logits.shape == (len(b.token_ids), model.config.vocab_size)
+        torch.testing.assert_close(r.logits, p.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r.features, p.features, atol=1e-5, rtol=1e-5)
+
+
 def test_gemma3_sliding_window_beyond_window():
     engine, model = make("gemma3")
     ids = list(range(2, 20))  # longer than the window of 4

@@ -115,7 +115,7 @@ def test_a_remote_draft_call_is_split_into_the_services_phases_and_the_wire(stac
     dec = remote_decoder(v.port, d.port, "fixed")
     dec.generate(PROMPTS, GREEDY)
     t = dec.proposer.times
-    assert t.calls == dec.proposer.calls == dec.times.draft_calls > 0
+    assert t.calls == dec.times.draft_calls > 0
     assert t.context_s > 0 and t.backbone_s > 0 and t.head_s > 0 and t.wire_s > 0
     assert t.total_s == pytest.approx(dec.times.draft_s, rel=0.2)
     from prometheus_client import REGISTRY
@@ -146,13 +146,13 @@ def test_drafter_lost_mid_generation_falls_back_to_plain_decoding_then_resumes(b
     for _ in range(2):
         done.update((c.request_id, c) for c in dec.step())
     assert dec.proposer.failures > failures  # rounds ran without drafts
-    calls = dec.proposer.calls
+    calls = dec.proposer.times.calls
     d2 = bg.run(start_draft(make_draft_core(target_model), ServerConfig(address=f"127.0.0.1:{port}")))
     while dec.has_work:
         done.update((c.request_id, c) for c in dec.step())
     out = [done[i] for i in ids]
     assert [c.token_ids for c in out] == plain_greedy(target_model, params=params)
-    assert dec.proposer.calls > calls  # speculation resumed on the new drafter
+    assert dec.proposer.times.calls > calls  # speculation resumed on the new drafter
     assert dec.proposer.reopened >= len(PROMPTS)  # every session reopened, with features recomputed by the verifier
     bg.run(v.stop(0))
     bg.run(d2.stop(0))

@@ -346,14 +346,15 @@ def run(a, config) -> dict:
                 for rep in range(a.repeats):
                     order = list(modes) if rep % 2 == 0 else list(reversed(modes))
                     for mode in order:
-                        before = scrape(urls) if mode != IN_PROCESS else None
-                        ptimes = getattr(dec.proposer, "times", None) or DraftTimes()
-                        dec.times, draft_before = LoopTimes(), ptimes.copy()
-                        samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
-                        if before is None:
+                        if mode == IN_PROCESS:  # the decoder's own clocks; the services' come from /metrics
+                            ptimes = getattr(dec.proposer, "times", None) or DraftTimes()
+                            dec.times, draft_before = LoopTimes(), ptimes.copy()
+                            samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
                             spent = ptimes.minus(draft_before)
                             draft_times.setdefault((mode, c), []).append((dec.times, spent, wall))
                         else:
+                            before = scrape(urls)
+                            samples, wall = modes[mode](prompts[:n], c, f"{c}-{rep}")
                             scrapes.setdefault((mode, c), []).append((before, scrape(urls)))
                         runs.setdefault((mode, c), []).append((samples, wall))
                         row = summarise(mode, c, [(samples, wall)])
@@ -368,16 +369,9 @@ def run(a, config) -> dict:
             r["per_round_ms"] = service_breakdown(scrapes[key][0][0], scrapes[key][-1][1])
         elif key in draft_times:
             loops = draft_times[key]
-            loop = LoopTimes(
-                rounds=sum(lt.rounds for lt, _, _ in loops),
-                draft_calls=sum(lt.draft_calls for lt, _, _ in loops),
-                draft_s=sum(lt.draft_s for lt, _, _ in loops),
-                verify_s=sum(lt.verify_s for lt, _, _ in loops),
-                prefill_s=sum(lt.prefill_s for lt, _, _ in loops),
-            )
-            spent = DraftTimes()
-            for _, d, _ in loops:
-                spent = spent.plus(d)
+            loop, spent = LoopTimes(), DraftTimes()
+            for lt, d, _ in loops:
+                loop, spent = loop.plus(lt), spent.plus(d)
             r["per_round_ms"] = round_breakdown(loop, spent, sum(w for _, _, w in loops))
     same = {
         c: matching(

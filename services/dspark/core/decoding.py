@@ -17,7 +17,7 @@ import collections
 import itertools
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -61,6 +61,9 @@ class LoopTimes:
     draft_s: float = 0.0  # in the proposer (in process: the drafter; remote: the RPC and the service)
     verify_s: float = 0.0  # in the verifier's batched verify
     prefill_s: float = 0.0
+
+    def plus(self, other: LoopTimes) -> LoopTimes:
+        return LoopTimes(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def per_round_ms(self) -> dict[str, float]:
         n = max(1, self.rounds)
@@ -335,6 +338,7 @@ class Decoder:
         if cost is None or self.proposer is None:
             return ks
         caps = list(ks)
+        ragged = getattr(self.verifier, "ragged", False)
         for replica, idx in groups.items():
             sps = self._sps_of(replica)
             if sps is None:
@@ -360,7 +364,7 @@ class Decoder:
                     base_positions=max((caps[i] for i in drafting), default=0),
                     margin=self.plan_margin,
                     early_stop=policy == "dspark",
-                    padded_rows=len(idx),  # the engine pads every row of a verify step to the longest
+                    padded_rows=0 if ragged else len(idx),  # a padded verify step costs rows x the longest block
                 )
                 for i, c in zip(planned, group_caps):
                     caps[i] = c

@@ -1,5 +1,5 @@
 """Target engine: many requests at once, each with its own KV rows; one forward pass scores a padded batch
-of query blocks of different lengths.
+of query blocks of different lengths, its linear layers over the real tokens only (core/ragged_rows.py).
 
 The engine knows nothing about drafting or acceptance. A request's *committed* length is how many of its
 tokens are in the cache. `forward` writes keys/values for the query tokens after that length without
@@ -8,6 +8,7 @@ committing them; `commit` keeps the first n of them. Whatever is not committed i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from dspark.core.attention import use_grouped_sdpa
 from dspark.core.config import EngineConfig
 from dspark.core.kv_cache import SlotCache
 from dspark.core.linear_kernel import apply_linear_kernel, resolve_kernel
+from dspark.core.ragged_rows import pack_layers, real_tokens
 from dspark.models.model_store import load_model
 
 
@@ -63,6 +65,9 @@ class TargetEngine:
         use_grouped_sdpa(self.model)  # no copy of grouped keys/values per layer on CPU (core/attention.py)
         self.tokenizer = tokenizer
         self.decoder = model.get_decoder()
+        # the MLPs, attention projections and LM head of a padded forward compute its real tokens only
+        # (core/ragged_rows.py): a verify step costs about what its real tokens cost, not rows x the longest block
+        self.ragged = pack_layers(self.decoder)
         # transformers renamed the decoder's cache argument (past_key_values up to 5.2x, then cache); an unknown
         # keyword would be swallowed by **kwargs and the slot cache silently never used
         params = inspect.signature(self.decoder.forward).parameters
@@ -181,34 +186,36 @@ class TargetEngine:
             sliding = allowed & (j[None, None, :] > pos[:, :, None] - self._sliding_window)
             mask = {"full_attention": mask, "sliding_attention": sliding[:, None]}
 
-        want_features = bool(self.config.feature_layers)
-        out = self.decoder(
-            input_ids=ids,
-            position_ids=pos.clamp_max(self.config.max_context - 1),
-            attention_mask=mask,
-            **{self._cache_arg: self.cache},
-            use_cache=True,
-            output_hidden_states=want_features,
-        )
-        hidden = out.last_hidden_state  # (B, T, C)
-        if logits == "last":
-            hidden = hidden[torch.arange(len(blocks), device=dev), n_real - 1][:, None]  # (B, 1, C)
-        elif logits != "all":
+        if logits not in ("all", "last"):
             raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-        scores = softcap(self.lm_head(hidden).float(), self._softcap)  # (B, T or 1, V)
+        want_features = bool(self.config.feature_layers)
+        with real_tokens(real) if self.ragged else contextlib.nullcontext():
+            out = self.decoder(
+                input_ids=ids,
+                position_ids=pos.clamp_max(self.config.max_context - 1),
+                attention_mask=mask,
+                **{self._cache_arg: self.cache},
+                use_cache=True,
+                output_hidden_states=want_features,
+            )
+        hidden = out.last_hidden_state  # (B, T, C)
+        lengths = [len(b.token_ids) for b in blocks]
+        if logits == "last":
+            scores = self._scores(hidden[torch.arange(len(blocks), device=dev), n_real - 1])  # (B, V)
+            per_row = list(scores[:, None])  # (1, V) each
+        else:  # the real positions only, row after row
+            flat = hidden.reshape(-1, hidden.shape[-1])[real.reshape(-1)]  # (N, C)
+            per_row = list(self._scores(flat).split(lengths))  # (n_i, V) each
         feats = None
         if want_features:
             feats = torch.cat([out.hidden_states[i] for i in self.config.feature_layers], dim=-1)  # (B, T, F)
-        results = []
-        for i, b in enumerate(blocks):
-            n = len(b.token_ids)
-            results.append(
-                ForwardOutput(
-                    logits=scores[i, :n] if logits == "all" else scores[i],
-                    features=None if feats is None else feats[i, :n],
-                )
-            )
-        return results
+        return [
+            ForwardOutput(logits=per_row[i], features=None if feats is None else feats[i, :n])
+            for i, n in enumerate(lengths)
+        ]
+
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, V) float32
+        return softcap(self.lm_head(hidden).float(), self._softcap)
 
     def prefill(self, request_id: str, token_ids: list[int], chunk: int = 512) -> ForwardOutput:
         """Forward and commit a whole prompt in chunks: the last position's logits (1, V) and, when configured,

@@ -94,12 +94,14 @@ def plan_drafts(
     for them). margin: how much better than drafting none of these requests a plan must be expected to do to be
     taken (forecasts and cost tables err; 1.05 asks for 5%).
 
-    padded_rows: the rows the verify step batches (every request of the replica, drafting or not). When given, a
-    plan's verify step is priced as the engine runs it: every row padded to the longest block, padded_rows x (1 +
-    the most drafts verified in one row) query tokens, not their sum. On a 2-core Xeon (bf16, 200 cached tokens) 4
-    rows of 3 tokens took 51 ms against 41 ms for 4 rows of 1, while the table said 12 tokens cost about what 7 do;
-    caps of [2, 1, 0, 0] verify 7 tokens but cost 12. Algorithm 1 still prices what was drafted by the sum (its early
-    stop is emulated as it runs); only the decision to draft sees the padding."""
+    padded_rows: the rows the verify step batches (every request of the replica, drafting or not), for a verifier
+    whose engine pads (`ragged` False; the engine here computes real tokens only, core/ragged_rows.py, and the
+    decode loop passes 0 for it). When given, a plan's verify step is priced as a padding engine runs it: every row
+    padded to the longest block, padded_rows x (1 + the most drafts verified in one row) query tokens, not their
+    sum. On a 2-core Xeon (bf16, 200 cached tokens) 4 rows of 3 tokens took 51 ms against 41 ms for 4 rows of 1,
+    while the table said 12 tokens cost about what 7 do; caps of [2, 1, 0, 0] verify 7 tokens but cost 12.
+    Algorithm 1 still prices what was drafted by the sum (its early stop is emulated as it runs); only the decision
+    to draft sees the padding."""
     R = len(forecasts)
     if R == 0:
         return []

@@ -56,6 +56,7 @@ class Verifier(Protocol):
     max_context: int
     device: torch.device
     sps: SpsTable | None  # the target's profiled cost table, if it has one
+    ragged: bool  # a verify step costs its real tokens (True) or rows x the longest block (False: padded)
 
     @property
     def free_slots(self) -> int: ...
@@ -90,6 +91,7 @@ class LocalVerifier:
         self.max_context = engine.config.max_context
         self.device = engine.device
         self.sps = sps
+        self.ragged = engine.ragged
         self._params: dict[str, SamplingParams] = {}
         self._rng = RandomStreams(stream=0, device=self.device)
 

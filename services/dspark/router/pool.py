@@ -74,6 +74,11 @@ class VerifierPool:
             raise ValueError(f"verifier {r.address} does not serve the same model setup as {first.address}")
 
     @property
+    def ragged(self) -> bool:
+        """Whether every replica's verify step computes real tokens only (else rounds are priced as padded)."""
+        return all(r.ragged for r in self.replicas)
+
+    @property
     def addresses(self) -> list[str]:
         return [r.address for r in self.replicas]
 

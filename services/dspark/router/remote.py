@@ -80,6 +80,7 @@ class RemoteVerifier:
         self.max_sessions = info.max_sessions
         self.feature_layers = tuple(info.feature_layers)
         self.eos_token_ids = tuple(info.eos_token_ids)
+        self.ragged = info.ragged
         self.sps = (
             SpsTable(tuple(info.sps.batch_tokens), tuple(info.sps.steps_per_s)) if info.sps.batch_tokens else None
         )
@@ -240,8 +241,7 @@ class RemoteProposer:
         self._down_until = 0.0
         self.failures = 0  # rounds that fell back to plain decoding
         self.reopened = 0  # sessions the service had lost, reopened from the start
-        self.calls = 0  # successful Draft calls
-        self.times = DraftTimes()  # the service's compute phases (from its answers) and the rest of each call
+        self.times = DraftTimes()  # successful Draft calls: the service's compute phases (its answers) and the rest
 
     def info(self, timeout_s: float = 5.0) -> dpb.DraftInfo | None:
         try:
@@ -333,7 +333,6 @@ class RemoteProposer:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     _raise_for(e, f"draft service {self.address}")
                 return self._down(requests, e.code().name)
-        self.calls += 1
         proposals = []
         spent = out.times
         self.times.calls += 1

@@ -155,6 +155,7 @@ class VerifierCore:
             feature_layers=list(self.engine.config.feature_layers),
             sps=vpb.SpsTable(batch_tokens=list(sps.batch_tokens), steps_per_s=list(sps.steps_per_s)) if sps else None,
             eos_token_ids=list(self.eos_token_ids),
+            ragged=self.engine.ragged,
         )
 
     # -- messages <-> core ------------------------------------------------------------------------------------
