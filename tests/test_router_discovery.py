@@ -348,7 +348,7 @@ def test_a_draft_replica_that_leaves_has_its_sessions_reopened_on_another(servic
 
     out = decode_all(dec, ids, churn)
     assert [c.token_ids for c in out] == plain_greedy(target_model)
-    assert joined.reopened == len(PROMPTS) and joined.calls > 0  # reopened from the verifier's features
+    assert joined.reopened == len(PROMPTS) and joined.times.calls > 0  # reopened from the verifier's features
     assert pool.addresses == [addr(d2)]
 
 
