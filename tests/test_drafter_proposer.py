@@ -54,6 +54,39 @@ def test_drafting_time_is_split_by_phase():
     proposer.release("only-context")
 
 
+def test_one_round_absorbs_every_requests_features_in_one_encode():
+    """The features of several requests, encoded side by side in one pass, give each request the context it gets
+    alone; a request whose features do not cover its committed tokens is refused before anything is absorbed."""
+    _, proposer = setup()
+    d, F = proposer.drafter, proposer.drafter.config.feature_size
+    torch.manual_seed(5)
+    feats = {"a": torch.randn(5, F), "b": torch.randn(2, F), "c": torch.randn(3, F)}
+    reqs = [DraftRequest(k, list(range(3, 4 + len(f))), 0, SamplingParams(), f) for k, f in feats.items()]
+    calls = []
+    encode = d.encode_context
+    d.encode_context = lambda *a, **kw: calls.append(1) or encode(*a, **kw)
+    proposer.propose(reqs)
+    assert len(calls) == 1
+    for k, f in feats.items():
+        alone = encode(f[None])
+        for got, want in zip(proposer._ctx[k].k + proposer._ctx[k].v, alone.k + alone.v):
+            torch.testing.assert_close(got, want)
+    more = {"a": torch.randn(1, F), "b": torch.randn(2, F)}  # the next round: a grows by 1, b by 2, c sits out
+    grown = [DraftRequest(k, list(range(3, 4 + len(feats[k]) + len(f))), 1, SamplingParams(), f) for k, f in more.items()]
+    proposer.propose(grown)
+    for k, f in more.items():
+        alone = encode(torch.cat([feats[k], f])[None])
+        for got, want in zip(proposer._ctx[k].k + proposer._ctx[k].v, alone.k + alone.v):
+            torch.testing.assert_close(got, want)
+    bad = DraftRequest("c", list(range(3, 10)), 1, SamplingParams(), torch.randn(1, F))  # 4 + 1 != 6 tokens
+    ok = DraftRequest("d", [3, 4], 0, SamplingParams(), torch.randn(1, F))
+    with pytest.raises(ValueError, match="drafter context has 4 tokens but 6"):
+        proposer.propose([ok, bad])
+    assert "d" not in proposer._ctx and "d" not in proposer._rng and proposer._ctx["c"].length == 3
+    for k in ("a", "b", "c"):
+        proposer.release(k)
+
+
 def test_proposals_carry_confidences_and_exact_q():
     engine, proposer = setup()
     sp = SamplingParams(temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)

@@ -132,9 +132,18 @@ class ContextKV:
     def crop(self, n: int) -> ContextKV:
         return ContextKV([k[:, :, :n] for k in self.k], [v[:, :, :n] for v in self.v])
 
+    def split(self, lengths: Sequence[int]) -> list[ContextKV]:
+        """Consecutive token spans of these lengths (views): one context encoded for several requests, taken apart."""
+        ks = [k.split(list(lengths), dim=2) for k in self.k]
+        vs = [v.split(list(lengths), dim=2) for v in self.v]
+        return [ContextKV([k[i] for k in ks], [v[i] for v in vs]) for i in range(len(lengths))]
+
     @staticmethod
     def batch(items: Sequence[ContextKV]) -> tuple[ContextKV, torch.Tensor]:
         """Right-pad single-or-more-row contexts to one length and stack them; returns (ContextKV, lengths (B,))."""
+        if len(items) == 1:  # one request: its own tensors, no copy
+            c = items[0]
+            return c, torch.full((c.k[0].shape[0],), c.length, device=c.k[0].device)
         L = max(c.length for c in items)
 
         def pad(t):
@@ -424,13 +433,17 @@ class DSparkDrafter(nn.Module):
         z, state = self.seq.step(prev, h, state)
         return base + (self.seq.W2 if w2 is None else w2)(z).float(), state
 
-    def encode_context(self, features: torch.Tensor, start: int | torch.Tensor = 0) -> ContextKV:
-        """(B, L, F) target features of L consecutive tokens at absolute positions start.. -> their context K/V."""
+    def encode_context(
+        self, features: torch.Tensor, start: int | torch.Tensor = 0, positions: torch.Tensor | None = None
+    ) -> ContextKV:
+        """(B, L, F) target features of L consecutive tokens at absolute positions start.. -> their context K/V.
+        positions (B, L): each token's absolute position instead (tokens of several requests side by side)."""
         B, L, _ = features.shape
         hctx = self.ctx_norm(self.fc(features.to(self._dtype)))  # (B, L, C)  eq. 2: RMSNorm(W_c [H(l1); ...; H(lm)])
-        start = torch.as_tensor(start, device=features.device).reshape(-1, 1)  # (1 or B, 1)
-        pos = (start + torch.arange(L, device=features.device)).expand(B, L)  # (B, L)
-        cos, sin = self._rope(pos)
+        if positions is None:
+            start = torch.as_tensor(start, device=features.device).reshape(-1, 1)  # (1 or B, 1)
+            positions = (start + torch.arange(L, device=features.device)).expand(B, L)  # (B, L)
+        cos, sin = self._rope(positions)
         kv = [layer.attn.kv(hctx, cos, sin) for layer in self.layers]
         return ContextKV([k for k, _ in kv], [v for _, v in kv])
 

@@ -41,26 +41,38 @@ class DSparkProposer:
             self._ctx[request_id] = ctx.crop(length)
 
     @torch.no_grad()
-    def _absorb(self, r: DraftRequest) -> None:
-        if r.request_id not in self._rng:
-            self._rng.open(r.request_id, r.params.seed)
-        if r.features is None or not len(r.features):
+    def _absorb(self, requests: list[DraftRequest]) -> None:
+        """Every request's new target features into its context K/V, encoded in one pass: the requests' tokens side
+        by side, each at its own absolute position (a token's entry depends on that token alone)."""
+        fresh, starts = [], []
+        for r in requests:  # checked first: a refused round changes nothing
+            old = self._ctx.get(r.request_id)
+            start = 0 if old is None else old.length
+            n = 0 if r.features is None else len(r.features)
+            if (n or r.num_draft) and start + n != len(r.token_ids) - 1:
+                raise ValueError(
+                    f"request {r.request_id!r}: drafter context has {start + n} tokens but {len(r.token_ids) - 1} "
+                    "precede the anchor; the target's features must cover every committed token"
+                )
+            if n:
+                fresh.append(r)
+                starts.append(start)
+        for r in requests:
+            if r.request_id not in self._rng:
+                self._rng.open(r.request_id, r.params.seed)
+        if not fresh:
             return
-        old = self._ctx.get(r.request_id)
-        start = 0 if old is None else old.length
-        new = self.drafter.encode_context(r.features[None].to(self.device), start=start)
-        self._ctx[r.request_id] = new if old is None else old.cat_tokens(new)
-        ctx_len = self._ctx[r.request_id].length
-        if ctx_len != len(r.token_ids) - 1:
-            raise ValueError(
-                f"request {r.request_id!r}: drafter context has {ctx_len} tokens but {len(r.token_ids) - 1} precede "
-                "the anchor; the target's features must cover every committed token"
-            )
+        lengths = [len(r.features) for r in fresh]
+        features = torch.cat([r.features for r in fresh]).to(self.device)[None]  # (1, N, F)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(self.device)[None]
+        new = self.drafter.encode_context(features, positions=positions).split(lengths)
+        for r, part in zip(fresh, new):
+            old = self._ctx.get(r.request_id)
+            self._ctx[r.request_id] = part if old is None else old.cat_tokens(part)
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
         t = time.perf_counter()
-        for r in requests:
-            self._absorb(r)
+        self._absorb(requests)
         V = self.drafter.config.vocab_size
         active = [r for r in requests if r.num_draft > 0]
         out = {r.request_id: Proposal.empty(V, self.device) for r in requests if r.num_draft == 0}
