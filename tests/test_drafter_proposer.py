@@ -61,7 +61,7 @@ def test_one_round_absorbs_every_requests_features_in_one_encode():
     d, F = proposer.drafter, proposer.drafter.config.feature_size
     torch.manual_seed(5)
     feats = {"a": torch.randn(5, F), "b": torch.randn(2, F), "c": torch.randn(3, F)}
-    reqs = [DraftRequest(k, list(range(3, 4 + len(f))), 0, SamplingParams(), f) for k, f in feats.items()]
+    reqs = [DraftRequest(k, list(range(1 + len(f))), 0, SamplingParams(), f) for k, f in feats.items()]
     calls = []
     encode = d.encode_context
     d.encode_context = lambda *a, **kw: calls.append(1) or encode(*a, **kw)
@@ -72,13 +72,13 @@ def test_one_round_absorbs_every_requests_features_in_one_encode():
         for got, want in zip(proposer._ctx[k].k + proposer._ctx[k].v, alone.k + alone.v):
             torch.testing.assert_close(got, want)
     more = {"a": torch.randn(1, F), "b": torch.randn(2, F)}  # the next round: a grows by 1, b by 2, c sits out
-    grown = [DraftRequest(k, list(range(3, 4 + len(feats[k]) + len(f))), 1, SamplingParams(), f) for k, f in more.items()]
+    grown = [DraftRequest(k, list(range(1 + len(feats[k]) + len(f))), 1, SamplingParams(), f) for k, f in more.items()]
     proposer.propose(grown)
     for k, f in more.items():
         alone = encode(torch.cat([feats[k], f])[None])
         for got, want in zip(proposer._ctx[k].k + proposer._ctx[k].v, alone.k + alone.v):
             torch.testing.assert_close(got, want)
-    bad = DraftRequest("c", list(range(3, 10)), 1, SamplingParams(), torch.randn(1, F))  # 4 + 1 != 6 tokens
+    bad = DraftRequest("c", list(range(7)), 1, SamplingParams(), torch.randn(1, F))  # 3 + 1 != 6 tokens
     ok = DraftRequest("d", [3, 4], 0, SamplingParams(), torch.randn(1, F))
     with pytest.raises(ValueError, match="drafter context has 4 tokens but 6"):
         proposer.propose([ok, bad])
