@@ -544,7 +544,8 @@ class DSparkDrafter(nn.Module):
         )
         gens = generator if generator is None or isinstance(generator, torch.Generator) else list(generator)
         V = self.config.vocab_size
-        tokens, probs, conf = [], [], []
+        tokens, conf = [], []
+        probs = torch.zeros(B, K, V, device=dev) if vocab is not None else []  # (B, K, V): 0 off the draft vocabulary
         prev, state = anchor_ids, None
         for k in range(K):
             logits, state = self._sequential_step(base[:, k], h[:, k], prev, state, w2)  # (B, N or V)
@@ -553,16 +554,18 @@ class DSparkDrafter(nn.Module):
             prev = sample(q, gens)  # (B,) indices into the draft vocabulary (or token ids)
             if vocab is not None:
                 prev = vocab[prev]  # token ids
-                q = torch.zeros(B, V, device=dev).index_copy_(1, vocab, q)  # (B, V): 0 off the draft vocabulary
+                probs[:, k].index_copy_(1, vocab, q)
+            else:
+                probs.append(q)
             tokens.append(prev)
-            probs.append(q)
         if times is not None:
             times.backbone_s += t1 - t0
             times.head_s += synced_clock(dev) - t1
         if K == 0:
             empty = torch.zeros(B, 0, device=dev)
             return Draft(empty.long(), torch.zeros(B, 0, V, device=dev), empty)
-        return Draft(torch.stack(tokens, 1), torch.stack(probs, 1), torch.stack(conf, 1))
+        probs = probs if vocab is not None else torch.stack(probs, 1)
+        return Draft(torch.stack(tokens, 1), probs, torch.stack(conf, 1))
 
 
 # -- training helpers -------------------------------------------------------------------------------------------
