@@ -15,7 +15,8 @@ from test_core_decoding_stats import (
 from dspark.core.config import EngineConfig
 from dspark.core.decoding import Decoder
 from dspark.core.engine import TargetEngine
-from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts, round_seconds
+from dspark.core.planner import ConfidenceForecast, DraftCost, VerifyRowCost, plan_drafts, round_seconds
+from dspark.core.proposer import Proposal
 from dspark.core.sampling import SamplingParams
 from dspark.core.scheduler import SpsTable, expected_tokens, prefix_schedule, schedule, throughput
 from dspark.drafter.model import DSparkDrafter
@@ -277,3 +278,40 @@ def test_a_plan_is_priced_as_the_engine_pads_its_rows():
     even = [[0.9, 0.9, 0.9]] * 4
     assert plan_drafts(even, sps, None, padded_rows=4) == [2, 2, 2, 2]  # 4 x 3 tokens: 1.5 s for 10.8 tokens
     assert plan_drafts(ragged, sps, None, padded_rows=4, early_stop=True) == [0, 0, 0, 0]
+
+
+def test_what_drafting_rows_cost_the_verify_step_beyond_the_table_prunes_the_plan():
+    """FLAT prices 4 rows of 3 tokens as 4 rows of 1 (10 ms); rows that verify drafts costing 6 ms more each make
+    drafting 0.5-confidence tokens a loss."""
+    f = [[0.5, 0.5]] * 4
+    assert plan_drafts(f, FLAT, cost(0.0005, 0.0002)) == [2, 2, 2, 2]
+    assert plan_drafts(f, FLAT, cost(0.0005, 0.0002), verify_row_s=0.006) == [0, 0, 0, 0]
+    # rows others already draft pay it whether or not these draft: it does not stop the plan
+    assert plan_drafts([[0.9, 0.9]], FLAT, None, base_rows=3, base_tokens=9, base_tau=6, verify_row_s=0.006) == [2]
+
+
+def test_verify_row_cost_learns_the_extra_seconds_of_drafting_rows():
+    learn = VerifyRowCost(alpha=0.2)
+    learn.observe(0.030, 0.025, draft_rows=2)  # no plain round seen yet: nothing to compare with
+    assert learn.row_s == 0 and learn.base_s is None
+    for _ in range(60):
+        learn.observe(0.027, 0.025, draft_rows=0)  # every round pays 2 ms beyond the table
+        learn.observe(0.027 + 2 * 0.003, 0.0255, draft_rows=2)  # drafted rows: 3 ms each beyond that
+    assert learn.base_s == pytest.approx(0.002, abs=1e-4)
+    assert learn.row_s == pytest.approx(0.003 - 0.00025, abs=2e-4)
+    learn.observe(0.020, 0.025, draft_rows=1)  # faster than plain: never a negative cost
+    assert learn.row_s >= 0
+
+
+def test_the_decode_loop_prices_rounds_with_what_drafting_rows_cost_it(target_model):
+    """The loop compares each round's verify time with its SPS price; the planner gets the learned per-row cost."""
+    dec = decoder(target_model, "dspark", cost(0.0005, 0.0002))
+    props = [Proposal(torch.tensor([5, 6]), torch.zeros(2, 8)), Proposal.empty(8)]
+    plain = [Proposal.empty(8)] * 2
+    price = 1 / dec.sps(2)
+    for _ in range(50):
+        dec._learn_verify_cost({None: [0, 1]}, plain, price + 0.001)
+        dec._learn_verify_cost({None: [0, 1]}, props, 1 / dec.sps(4) + 0.001 + 0.004)
+    assert dec._verify_cost.row_s == pytest.approx(0.004, abs=3e-4)
+    dec._learn_verify_cost({"a": [0], "b": [1]}, props, 1.0)  # two replicas: not one table's step, not learned
+    assert dec._verify_cost.row_s == pytest.approx(0.004, abs=3e-4)

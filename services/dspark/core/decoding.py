@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from dspark.core.engine import CapacityError, ContextLengthError, TargetEngine
-from dspark.core.planner import ConfidenceForecast, DraftCost, plan_drafts
+from dspark.core.planner import ConfidenceForecast, DraftCost, VerifyRowCost, plan_drafts
 from dspark.core.proposer import DraftRequest, Proposal, Proposer
 from dspark.core.sampling import SamplingParams
 from dspark.core.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, expected_tokens, schedule
@@ -136,6 +136,7 @@ class Decoder:
         self.policy = self._check_policy(policy)
         self._draft_cost, self.plan_margin = draft_cost, plan_margin
         self._forecast = ConfidenceForecast(max(1, self.num_draft))
+        self._verify_cost = VerifyRowCost()  # what drafted rows cost the verify step beyond the SPS table
         self.times = LoopTimes()
         # dspark-async, per verifier replica (None: a verifier without replicas): the batch capacities computed from
         # the last two rounds' confidences (oldest first)
@@ -227,8 +228,10 @@ class Decoder:
         outs = self.verifier.verify(
             [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
         )
-        self.times.verify_s += time.perf_counter() - t
+        verify_s = time.perf_counter() - t
+        self.times.verify_s += verify_s
         self.times.rounds += 1
+        self._learn_verify_cost(groups, proposals, verify_s)
         still = []
         for r, d, p, v in zip(batch, drafted, proposals, outs):
             if v.features is not None:
@@ -365,6 +368,7 @@ class Decoder:
                     margin=self.plan_margin,
                     early_stop=policy == "dspark",
                     padded_rows=0 if ragged else len(idx),  # a padded verify step costs rows x the longest block
+                    verify_row_s=self._verify_cost.row_s,
                 )
                 for i, c in zip(planned, group_caps):
                     caps[i] = c
@@ -385,6 +389,19 @@ class Decoder:
             for i, n in zip(idx, group):
                 lengths[i] = n
         return lengths
+
+    def _learn_verify_cost(self, groups: dict[Hashable, list[int]], proposals: list[Proposal], seconds: float) -> None:
+        """The round's verify time against its SPS price, for the planner (only for one replica: replicas verify in
+        parallel, so one round's time is not one table's step)."""
+        if len(groups) != 1 or self.draft_cost is None:
+            return
+        sps = self._sps_of(next(iter(groups)))
+        if sps is None:
+            return
+        lengths = [len(p.token_ids) for p in proposals]
+        ragged = getattr(self.verifier, "ragged", False)
+        tokens = sum(lengths) + len(lengths) if ragged else len(lengths) * (1 + max(lengths))
+        self._verify_cost.observe(seconds, 1.0 / sps(tokens), sum(n > 0 for n in lengths))
 
     def _sps_of(self, replica: Hashable) -> SpsTable | None:
         """A replica's own table; the decoder's (`sps`, else the verifier's) without replicas or when it has none."""

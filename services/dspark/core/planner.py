@@ -81,6 +81,7 @@ def plan_drafts(
     margin: float = 1.0,
     early_stop: bool = False,
     padded_rows: int = 0,
+    verify_row_s: float = 0.0,
 ) -> list[int]:
     """Draft caps for one verifier's requests: forecasts[r] = predicted confidences c_{r,1..k_r} (k_r: the most
     request r may draft). Drafting the first n candidates sorted by predicted survival costs t(B, R, K); each n is
@@ -101,7 +102,10 @@ def plan_drafts(
     sum. On a 2-core Xeon (bf16, 200 cached tokens) 4 rows of 3 tokens took 51 ms against 41 ms for 4 rows of 1,
     while the table said 12 tokens cost about what 7 do; caps of [2, 1, 0, 0] verify 7 tokens but cost 12.
     Algorithm 1 still prices what was drafted by the sum (its early stop is emulated as it runs); only the decision
-    to draft sees the padding."""
+    to draft sees the padding.
+
+    verify_row_s: seconds a verify step costs beyond its SPS price for each row that verifies drafts (learned as
+    rounds run, `VerifyRowCost`); base_rows count too."""
     R = len(forecasts)
     if R == 0:
         return []
@@ -113,10 +117,12 @@ def plan_drafts(
     B, tau, draft_s = [base_tokens + R], [base_tau + R], [_draft_seconds(draft_cost, base_rows, base_positions)]
     rows, positions = set(), base_positions
     longest = [base_positions]  # the most drafts in one row after the first n candidates
+    row_s = [verify_row_s * base_rows]  # the verify step's per-row extra when the first n candidates are verified
     for a, r, j in cands:
         rows.add(r)
         positions = max(positions, j)
         longest.append(positions)
+        row_s.append(verify_row_s * (base_rows + len(rows)))
         B.append(B[-1] + 1)
         tau.append(tau[-1] + a)
         draft_s.append(_draft_seconds(draft_cost, base_rows + len(rows), positions))
@@ -136,10 +142,10 @@ def plan_drafts(
     def verify_tokens(m: int) -> int:  # what the verify step computes when the first m candidates are verified
         return padded_rows * (1 + longest[m]) if padded_rows else B[m]
 
-    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0]), 0
+    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0]), 0
     for n in range(1, len(cands) + 1):
         m = verified(n)
-        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n])
+        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n] + row_s[m])
         if theta > best:
             best, best_n = theta, n
     caps = [0] * R
@@ -150,6 +156,31 @@ def plan_drafts(
 
 def _draft_seconds(draft_cost: DraftCost | None, rows: int, positions: int) -> float:
     return 0.0 if draft_cost is None else draft_cost(rows, positions)
+
+
+@dataclass
+class VerifyRowCost:
+    """What a verify step costs beyond its SPS price for each row that verifies drafts, learned from the rounds as
+    they run. The SPS profile times query tokens in few long rows; a round that adds a draft or two to some of many
+    rows pays more than the table says for them (rejection sampling and the LM head per drafted row, attention
+    rows padded to the longest block, a remote verifier's larger messages). On a 2-core EPYC at 4 requests, rounds
+    verifying ~2 drafts took 3-4 ms more than plain rounds, where the table priced the 2 tokens at 0.5 ms.
+
+    base_s: the running mean of actual - predicted over rounds that verify no draft (what every round pays beyond
+    the table); row_s: the running mean, over rounds that verify drafts, of what they pay beyond base_s per drafting
+    row (never below 0). Until drafting has been seen row_s is 0, so the planner drafts and learns."""
+
+    alpha: float = 0.1  # weight of the newest round
+    base_s: float | None = None
+    row_s: float = 0.0
+
+    def observe(self, actual_s: float, predicted_s: float, draft_rows: int) -> None:
+        extra = actual_s - predicted_s
+        if draft_rows == 0:
+            self.base_s = extra if self.base_s is None else (1 - self.alpha) * self.base_s + self.alpha * extra
+        elif self.base_s is not None:
+            per_row = max(0.0, (extra - self.base_s) / draft_rows)
+            self.row_s = (1 - self.alpha) * self.row_s + self.alpha * per_row
 
 
 @dataclass
