@@ -56,6 +56,13 @@ def endpoints(name: str, ready: list[str], not_ready: list[str] = (), port: int 
 # -- addresses --------------------------------------------------------------------------------------------------
 
 
+def test_a_watch_without_the_kubernetes_client_fails_at_start_not_on_its_thread(monkeypatch):
+    """Without the package the watch thread would die at its first import and the router wait for replicas forever."""
+    monkeypatch.setitem(__import__("sys").modules, "kubernetes", None)  # `import kubernetes` raises ImportError
+    with pytest.raises(RuntimeError, match="needs the `kubernetes` package"):
+        EndpointsWatch(REF, lambda change: None).start()
+
+
 def test_a_k8s_address_names_namespace_service_and_port():
     assert service_ref("k8s://prod/dspark-verifier-headless:grpc") == ServiceRef(
         "prod", "dspark-verifier-headless", "grpc"

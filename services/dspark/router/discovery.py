@@ -161,6 +161,14 @@ class EndpointsWatch:
         self._thread = threading.Thread(target=self._run, name=f"dspark-discovery-{self.ref.name}", daemon=True)
 
     def start(self) -> EndpointsWatch:
+        if self._api is None:  # fail here, not on the watch thread, where the router would wait for replicas forever
+            try:
+                import kubernetes  # noqa: F401
+            except ImportError as e:
+                raise RuntimeError(
+                    f"discovery of {self.ref} through the Kubernetes API needs the `kubernetes` package "
+                    "(pip install kubernetes)"
+                ) from e
         self._thread.start()
         return self
 
