@@ -121,6 +121,7 @@ class MetricsApi:
         }
 
     def get(self, path: str, params: dict[str, str]) -> tuple[int, dict]:
+        path = urllib.parse.unquote(path)  # the aggregator sends the all-pods name `*` as %2A
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for group in (CUSTOM, EXTERNAL):
             if path.rstrip("/") == f"/apis/{group}":

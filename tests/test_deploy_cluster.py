@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -258,6 +259,331 @@ def test_helm_upgrade_with_requests_in_flight_fails_none(cluster, router, instal
     assert len(log) >= 4 and not failed, failed
     assert all(e[4] == 8 for e in log)
     assert sum(1 for e in log if e[5]) <= len(threads), log
+
+
+# -- autoscaling: the verifier tier follows the load, the router follows the tier -------------------------------------
+
+AUTOSCALING_VALUES = ROOT / "helm" / "dspark" / "ci" / "autoscaling-values.yaml"
+STANDIN_PORT = 4443  # the metrics API stand-in on the bridge address, where the aggregator reaches it
+N_SCALING = 24  # tokens per request of the scaling test's clients
+
+
+def _aggregated_metrics_api(name: str) -> str:
+    """The stand-in registered as the cluster's custom and external metrics APIs (a selector-less Service whose
+    Endpoints are the host's bridge address; the aggregator routes to the endpoint), and the HPA controller allowed
+    to read them."""
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "kube-system"},
+            "spec": {"ports": [{"name": "https", "port": 443, "targetPort": STANDIN_PORT}]},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": "kube-system"},
+            "subsets": [{"addresses": [{"ip": "10.244.0.1"}], "ports": [{"name": "https", "port": STANDIN_PORT}]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": [
+                {
+                    "apiGroups": ["custom.metrics.k8s.io", "external.metrics.k8s.io"],
+                    "resources": ["*"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "horizontal-pod-autoscaler", "namespace": "kube-system"}],
+        },
+    ]
+    for group in ("custom.metrics.k8s.io", "external.metrics.k8s.io"):
+        docs.append({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService", "metadata": {"name": f"v1beta1.{group}"},
+            "spec": {"service": {"name": name, "namespace": "kube-system", "port": 443}, "group": group,
+                     "version": "v1beta1", "insecureSkipTLSVerify": True, "groupPriorityMinimum": 100,
+                     "versionPriority": 100}})  # fmt: skip
+    import yaml
+
+    return yaml.safe_dump_all(docs)
+
+
+def _prometheus_config(targets: Path) -> dict:
+    """Scrape every target of the file every 2 s. Debian's Prometheus is built without kubernetes_sd, so the test
+    writes the file from the API (`_write_targets`), labelled with namespace and pod as the adapter rules expect."""
+    return {
+        "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+        "scrape_configs": [
+            {"job_name": "dspark-pods", "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "2s"}]}
+        ],
+    }
+
+
+def _write_targets(cluster, path: Path) -> None:
+    """Every running release pod's `metrics` container port, as Prometheus file_sd targets."""
+    groups = []
+    for p in cluster.pods():
+        ip = p.get("status", {}).get("podIP")
+        for c in p["spec"]["containers"]:
+            for port in c.get("ports", []):
+                if ip and port.get("name") == "metrics" and p["metadata"].get("deletionTimestamp") is None:
+                    labels = {"namespace": p["metadata"]["namespace"], "pod": p["metadata"]["name"]}
+                    groups.append({"targets": [f"{ip}:{port['containerPort']}"], "labels": labels})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(path)
+
+
+def _router_requests_per_verifier(cluster) -> dict[str, float]:
+    """dspark_replica_requests_total{tier="verifier"} summed over the router pods, by replica address."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    for p in cluster.pods():
+        labels, status = p["metadata"]["labels"], p.get("status", {})
+        if labels.get("app.kubernetes.io/component") != "router" or not status.get("podIP"):
+            continue
+        port = next(c["containerPort"] for c in p["spec"]["containers"][0]["ports"] if c["name"] == "http")
+        try:
+            with urllib.request.urlopen(f"http://{status['podIP']}:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for ln in text.splitlines():
+            if ln.startswith("dspark_replica_requests_total{") and 'tier="verifier"' in ln:
+                replica = ln.split('replica="', 1)[1].split('"', 1)[0]
+                out[replica] = out.get(replica, 0.0) + float(ln.rsplit(" ", 1)[1])
+    return out
+
+
+def _hpa_diagnosis(cluster) -> str:
+    """What the HPA and the aggregated metrics API say, for a failed scaling assertion."""
+    raw = "/apis/custom.metrics.k8s.io/v1beta1/namespaces/default/pods/*/dspark_verifier_sessions"
+    kubectl = [str(K8S / "bin" / "kubectl"), "--kubeconfig", cluster.kubeconfig]
+    runs = (
+        subprocess.run(kubectl + list(args), capture_output=True, text=True, timeout=60)
+        for args in (
+            ("describe", "hpa.v2beta2.autoscaling", "dspark-verifier"),
+            ("get", "apiservice", "v1beta1.custom.metrics.k8s.io", "-o", "yaml"),
+            ("get", "--raw", raw),
+        )
+    )
+    return "\n".join(r.stdout + r.stderr for r in runs)
+
+
+def _timeline_png(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in rows]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    a1.step(t, [r["hpa_desired"] for r in rows], where="post", label="HPA desired verifier pods")
+    a1.step(t, [r["ready_verifiers"] for r in rows], where="post", label="ready verifier pods")
+    a1.plot(t, [r["clients"] for r in rows], ":", label="clients")
+    a1.plot(t, [r["failed"] + r["wrong"] for r in rows], "--", label="failed or inexact requests (so far)")
+    a1.set_ylabel("count")
+    a1.legend(loc="upper right", fontsize=8)
+    for pod in sorted({k for r in rows for k in r["sessions"]}):
+        a2.plot(t, [r["sessions"].get(pod, float("nan")) for r in rows], label=f"sessions {pod[-5:]}")
+    for addr in sorted({k for r in rows for k in r["router_requests"]}):
+        a2.plot(t, [r["router_requests"].get(addr, float("nan")) for r in rows], "--", label=f"requests to {addr}")
+    a2.set_xlabel("seconds")
+    a2.set_ylabel("per verifier pod")
+    a2.legend(loc="upper left", fontsize=7)
+    fig.suptitle("verifier HPA on dspark_verifier_sessions (local Kubernetes 1.20)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(cluster, router, installed, real_model):
+    """A real Prometheus scrapes the pods (their addresses from the API), the metrics API stand-in (test scaffolding,
+    tests/metrics_api_standin.py) answers the aggregated custom/external metrics APIs from it with the chart's own
+    adapter rules, and the chart's verifier HPA (autoscaling/v2beta2 on 1.20) scales on sessions per pod. Four
+    clients on one verifier pod: the HPA scales 1 -> 2, the router (discovery `kubernetes`) sees the new pod and
+    pins new requests to it. One client then: it scales back to 1, the leaving pod's sessions are prefilled again
+    on the other. No request fails; every answer is the target's own greedy tokens. Timeline:
+    $K8S/e2e-hpa-timeline.json and .png."""
+    import yaml
+
+    model, tokenizer = real_model
+    # none of them ends within N_SCALING tokens: past an EOS, min_new_tokens masks it where ignore_eos keeps it
+    prompts = [_prompt_ids(tokenizer, p) for p in PROMPTS + ["Describe the water cycle.", "Explain a hash map."]]
+    want = transformers_greedy(model, prompts, N_SCALING, min_new_tokens=N_SCALING)
+    work = K8S / "hpa-test"
+    shutil.rmtree(work, ignore_errors=True)  # no series of an earlier run's pods in Prometheus' storage
+    work.mkdir()
+    procs: list[subprocess.Popen] = []
+    name = "dspark-test-metrics-api"
+    try:
+        with timed("hpa_upgrade"):
+            cluster.release("upgrade", installed, "-f", str(AUTOSCALING_VALUES))
+            cluster.kubectl("rollout", "status", "deployment/dspark-router", "--timeout=300s", timeout=320)
+        # Prometheus, then the stand-in on the bridge address with a self-signed certificate
+        prom_bin = sh("bash", "deploy/autoscaling/prometheus-bin.sh").strip().splitlines()[-1]
+        targets = work / "targets.json"
+        _write_targets(cluster, targets)
+        (work / "prometheus.yml").write_text(yaml.safe_dump(_prometheus_config(targets)))
+        prom_port = 19090
+        procs.append(subprocess.Popen(
+            [prom_bin, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h"],
+            stdout=open(work / "prometheus.log", "w"), stderr=subprocess.STDOUT))  # fmt: skip
+        rules = cluster.kubectl("get", "configmap", "dspark-prometheus-adapter", "-o", "jsonpath={.data.config\\.yaml}")
+        (work / "rules.yaml").write_text(rules)
+        sh(
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=metrics-api",
+            "-addext",
+            "subjectAltName=IP:10.244.0.1",
+            "-keyout",
+            str(work / "tls.key"),
+            "-out",
+            str(work / "tls.crt"),
+        )
+        procs.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "metrics_api_standin.py"), "--prometheus",
+             f"http://127.0.0.1:{prom_port}", "--rules", str(work / "rules.yaml"), "--host", "10.244.0.1",
+             "--port", str(STANDIN_PORT), "--tls-cert", str(work / "tls.crt"), "--tls-key", str(work / "tls.key"),
+             "--kubeconfig", cluster.kubeconfig],
+            stdout=open(work / "standin.log", "w"), stderr=subprocess.STDOUT))  # fmt: skip
+        (work / "metrics-api.yaml").write_text(_aggregated_metrics_api(name))
+        cluster.kubectl("apply", "-f", str(work / "metrics-api.yaml"))
+
+        from metrics_api_standin import Prometheus
+
+        prom = Prometheus(f"http://127.0.0.1:{prom_port}")
+        done, log, lock = threading.Event(), [], threading.Lock()
+        active = [threading.Event() for _ in range(4)]  # client k runs while active[k] is set
+
+        def client(k: int):
+            ch = grpc.insecure_channel(router)
+            i = k
+            while not done.is_set():
+                if not active[k].wait(0.5):
+                    continue
+                j, t0 = i % len(prompts), time.monotonic()
+                try:
+                    toks = list(_generate(ch, prompts[j], N_SCALING, timeout=300).choices[0].token_ids)
+                    entry = {"client": k, "t": t0, "s": time.monotonic() - t0, "ok": toks == want[j], "code": "OK"}
+                except grpc.RpcError as e:
+                    entry = {"client": k, "t": t0, "s": time.monotonic() - t0, "ok": False, "code": e.code().name,
+                             "details": e.details()}  # fmt: skip
+                with lock:
+                    log.append(entry)
+                i += 1
+            ch.close()
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(len(active))]
+        for t in threads:
+            t.start()
+        rows: list[dict] = []
+        t_start = time.monotonic()
+
+        def sample() -> dict:
+            _write_targets(cluster, targets)
+            hpa = json.loads(cluster.kubectl("get", "hpa.v2beta2.autoscaling", "dspark-verifier", "-o", "json"))
+            verifiers = [p for p in cluster.pods() if p["metadata"]["labels"].get("app.kubernetes.io/component")
+                         == "verifier"]  # fmt: skip
+            ready = [
+                p
+                for p in verifiers
+                if p["metadata"].get("deletionTimestamp") is None
+                and any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", [])
+                )
+            ]
+            try:
+                sessions = {m["pod"]: v for m, v in prom.query('dspark_sessions{service="verifier"}')}
+            except OSError:
+                sessions = {}
+            with lock:
+                failed = sum(1 for e in log if e["code"] != "OK")
+                wrong = sum(1 for e in log if e["code"] == "OK" and not e["ok"])
+                finished = len(log)
+            row = {"t": round(time.monotonic() - t_start, 1), "clients": sum(a.is_set() for a in active),
+                   "hpa_desired": hpa.get("status", {}).get("desiredReplicas", 0),
+                   "hpa_current": hpa.get("status", {}).get("currentReplicas", 0),
+                   "ready_verifiers": len(ready), "verifier_pods": [p["metadata"]["name"] for p in ready],
+                   "ready_ips": [p["status"].get("podIP") for p in ready],
+                   "sessions": sessions, "router_requests": _router_requests_per_verifier(cluster),
+                   "finished": finished, "failed": failed, "wrong": wrong}  # fmt: skip
+            rows.append(row)
+            (K8S / "e2e-hpa-timeline.json").write_text(json.dumps(rows, indent=1))
+            return row
+
+        try:
+            with timed("hpa_scale_up"):
+                for a in active:
+                    a.set()
+                first = sample()
+                assert first["ready_verifiers"] == 1, first
+                deadline = time.monotonic() + 240
+                while True:  # two ready pods, and the router sends requests to the new one
+                    row = sample()
+                    new_ips = [ip for ip in row["ready_ips"] if ip not in first["ready_ips"]]
+                    if new_ips and any(a.split(":")[0] in new_ips and n > 0 for a, n in row["router_requests"].items()):
+                        break
+                    assert time.monotonic() < deadline, (rows[-2:], _hpa_diagnosis(cluster))
+                    time.sleep(2)
+            with timed("hpa_scale_down"):
+                for a in active[1:]:
+                    a.clear()
+                deadline = time.monotonic() + 240
+                while True:  # back to one pod, and the remaining client finished requests after that
+                    row = sample()
+                    if row["ready_verifiers"] == 1 and row["hpa_current"] == 1:
+                        with lock:
+                            n_before = len(log)
+                        break
+                    assert time.monotonic() < deadline, (rows[-2:], _hpa_diagnosis(cluster))
+                    time.sleep(2)
+                while True:
+                    with lock:
+                        if len(log) >= n_before + 2:
+                            break
+                    assert time.monotonic() < deadline + 120, rows[-3:]
+                    time.sleep(2)
+                sample()
+        finally:
+            done.set()
+            for a in active:
+                a.set()
+            for t in threads:
+                t.join(320)
+        (K8S / "e2e-hpa-requests.json").write_text(json.dumps(log, indent=1))
+        _timeline_png(rows, K8S / "e2e-hpa-timeline.png")
+        failed = [e for e in log if e["code"] != "OK" or not e["ok"]]
+        assert not failed, failed
+        assert max(r["hpa_desired"] for r in rows) == 2 and rows[-1]["hpa_current"] == 1
+        assert len(log) >= 8
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", str(work / "metrics-api.yaml"), check=False)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def test_helm_uninstall_leaves_no_dspark_object(cluster, installed):

@@ -134,6 +134,9 @@ def api(helm, prometheus):
     return MetricsApi(Prometheus(prometheus), rules, pods_of)
 
 
+SELECT_VERIFIER = {"labelSelector": "app.kubernetes.io/component=verifier"}
+
+
 def values(body) -> dict[str, str]:
     return {i["describedObject"]["name"]: i["value"] for i in body["items"]}
 
@@ -152,6 +155,9 @@ def test_verifier_sessions_per_pod_come_from_prometheus_by_the_charts_rule(api):
         i["describedObject"]["kind"] == "Pod" and i["describedObject"]["namespace"] == "serving" for i in body["items"]
     )
     assert 'namespace="serving",pod=~"dspark-verifier-6d9f-a|dspark-verifier-6d9f-b"' in api.log[-1][1]
+    # as the apiserver's aggregator forwards it: the all-pods name percent-encoded
+    quoted = api.get(f"/apis/{CUSTOM}/namespaces/serving/pods/%2A/dspark_verifier_sessions", SELECT_VERIFIER)
+    assert values(quoted[1]) == values(body)
 
 
 def test_kv_usage_is_a_per_pod_ratio_in_milli_units(api):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A real single-node Kubernetes 1.20 on this machine: containerd + runc, etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet, kube-proxy (iptables) and a CNI bridge. Everything listens on
-# 127.0.0.1 or the bridge (cni0, 10.244.0.1); pods 10.244.0.0/16, Services 10.96.0.0/12, forwarded pod traffic
-# to anything off the bridge is dropped. No DNS, no registry (images come from `ctr images import`).
+# 127.0.0.1 or the bridge (cni0, 10.244.0.1; the apiserver there, so pods reach it through the kubernetes Service
+# 10.96.0.1, as a router with discovery `kubernetes` must); pods 10.244.0.0/16, Services 10.96.0.0/12, forwarded
+# pod traffic to anything off the bridge is dropped. No DNS, no registry (images come from `ctr images import`).
 # State under $K8S (default $DSPARK_HOME/k8s); what it changes on the host is saved first and put back by
 # cluster-down.sh. Prints the admin kubeconfig's path when the node is Ready.
 set -euo pipefail
@@ -147,7 +148,7 @@ start etcd etcd --name dspark --data-dir "$K8S/etcd" \
   --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
   --initial-cluster dspark=http://127.0.0.1:2380 --listen-metrics-urls http://127.0.0.1:2381
 start kube-apiserver "$bin/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
-  --bind-address=127.0.0.1 --secure-port=6443 --insecure-port=0 --advertise-address=10.244.0.1 \
+  --bind-address=10.244.0.1 --secure-port=6443 --insecure-port=0 --advertise-address=10.244.0.1 \
   --service-cluster-ip-range=10.96.0.0/12 --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
   --allow-privileged=true --client-ca-file="$pki/ca.crt" \
   --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \

@@ -5,7 +5,8 @@ set -euo pipefail
 k8s=${1:?usage: pki.sh K8S_DIR NODE_NAME}
 node=${2:?usage: pki.sh K8S_DIR NODE_NAME}
 pki=$k8s/pki
-[ -s "$pki/.done" ] && exit 0
+# kept once made, unless its kubeconfigs point at an older apiserver address
+[ -s "$pki/.done" ] && grep -q "https://10.244.0.1:6443" "$pki/admin.kubeconfig" 2>/dev/null && exit 0
 rm -rf "$pki" && mkdir -p "$pki" && cd "$pki"
 days=3650
 
@@ -31,7 +32,7 @@ apiVersion: v1
 kind: Config
 clusters:
 - name: dspark-local
-  cluster: {certificate-authority: $pki/ca.crt, server: "https://127.0.0.1:6443"}
+  cluster: {certificate-authority: $pki/ca.crt, server: "https://10.244.0.1:6443"}
 users:
 - name: $2
   user: {client-certificate: $pki/$2.crt, client-key: $pki/$2.key}
