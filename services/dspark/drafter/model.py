@@ -545,7 +545,8 @@ class DSparkDrafter(nn.Module):
         gens = generator if generator is None or isinstance(generator, torch.Generator) else list(generator)
         V = self.config.vocab_size
         tokens, conf = [], []
-        probs = torch.zeros(B, K, V, device=dev) if vocab is not None else []  # (B, K, V): 0 off the draft vocabulary
+        # (B, K, V): each position's q written in place; 0 off the draft vocabulary when there is one
+        probs = torch.zeros(B, K, V, device=dev) if vocab is not None else torch.empty(B, K, V, device=dev)
         prev, state = anchor_ids, None
         for k in range(K):
             logits, state = self._sequential_step(base[:, k], h[:, k], prev, state, w2)  # (B, N or V)
@@ -556,15 +557,14 @@ class DSparkDrafter(nn.Module):
                 prev = vocab[prev]  # token ids
                 probs[:, k].index_copy_(1, vocab, q)
             else:
-                probs.append(q)
+                probs[:, k] = q
             tokens.append(prev)
         if times is not None:
             times.backbone_s += t1 - t0
             times.head_s += synced_clock(dev) - t1
         if K == 0:
             empty = torch.zeros(B, 0, device=dev)
-            return Draft(empty.long(), torch.zeros(B, 0, V, device=dev), empty)
-        probs = probs if vocab is not None else torch.stack(probs, 1)
+            return Draft(empty.long(), probs, empty)
         return Draft(torch.stack(tokens, 1), probs, torch.stack(conf, 1))
 
 
