@@ -344,23 +344,20 @@ def _write_targets(cluster, path: Path) -> None:
 
 def _router_requests_per_verifier(cluster) -> dict[str, float]:
     """dspark_replica_requests_total{tier="verifier"} summed over the router pods, by replica address."""
-    import urllib.request
+    from dspark.bench.services import scrape
 
-    out: dict[str, float] = {}
+    urls = {}
     for p in cluster.pods():
-        labels, status = p["metadata"]["labels"], p.get("status", {})
-        if labels.get("app.kubernetes.io/component") != "router" or not status.get("podIP"):
-            continue
-        port = next(c["containerPort"] for c in p["spec"]["containers"][0]["ports"] if c["name"] == "http")
-        try:
-            with urllib.request.urlopen(f"http://{status['podIP']}:{port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            continue
-        for ln in text.splitlines():
-            if ln.startswith("dspark_replica_requests_total{") and 'tier="verifier"' in ln:
-                replica = ln.split('replica="', 1)[1].split('"', 1)[0]
-                out[replica] = out.get(replica, 0.0) + float(ln.rsplit(" ", 1)[1])
+        labels, ip = p["metadata"]["labels"], p.get("status", {}).get("podIP")
+        if labels.get("app.kubernetes.io/component") == "router" and ip:
+            port = next(c["containerPort"] for c in p["spec"]["containers"][0]["ports"] if c["name"] == "http")
+            urls[p["metadata"]["name"]] = f"http://{ip}:{port}/metrics"
+    out: dict[str, float] = {}
+    for samples in scrape(urls).values():  # a router pod that does not answer gives {}
+        for (name, labels), value in samples.items():
+            labels = dict(labels)
+            if name == "dspark_replica_requests_total" and labels.get("tier") == "verifier":
+                out[labels["replica"]] = out.get(labels["replica"], 0.0) + value
     return out
 
 
