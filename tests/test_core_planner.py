@@ -290,6 +290,26 @@ def test_what_drafting_rows_cost_the_verify_step_beyond_the_table_prunes_the_pla
     assert plan_drafts([[0.9, 0.9]], FLAT, None, base_rows=3, base_tokens=9, base_tau=6, verify_row_s=0.006) == [2]
 
 
+def test_what_every_verify_step_costs_beyond_the_table_makes_drafting_relatively_cheaper():
+    """The table prices a plain step at 10 ms and drafting at 12 ms: not worth it. If every step really takes 60 ms
+    (rows the profile never had), the same draft call adds a fifth, for 65% more tokens."""
+    f, c = [[0.5, 0.3]], cost(0.01, 0.001)
+    assert plan_drafts(f, FLAT, c) == [0]
+    assert plan_drafts(f, FLAT, c, verify_base_s=0.05) == [2]
+    assert plan_drafts(f, FLAT, c, verify_base_s=0.05, early_stop=True) == [2]
+
+
+def test_verify_row_cost_prices_every_step_with_what_plain_rounds_paid_beyond_the_table():
+    learn = VerifyRowCost(alpha=0.5)
+    assert learn.round_s == 0.0  # nothing seen
+    for _ in range(20):
+        learn.observe(0.030, 0.020, draft_rows=0)
+    assert learn.round_s == pytest.approx(0.010)
+    for _ in range(40):
+        learn.observe(0.015, 0.020, draft_rows=0)  # a table that overprices is left as it is
+    assert learn.round_s == 0.0
+
+
 def test_verify_row_cost_learns_the_extra_seconds_of_drafting_rows():
     learn = VerifyRowCost(alpha=0.2)
     learn.observe(0.030, 0.025, draft_rows=2)  # no plain round seen yet: nothing to compare with
@@ -315,3 +335,29 @@ def test_the_decode_loop_prices_rounds_with_what_drafting_rows_cost_it(target_mo
     assert dec._verify_cost.row_s == pytest.approx(0.004, abs=3e-4)
     dec._learn_verify_cost({"a": [0], "b": [1]}, props, 1.0)  # two replicas: not one table's step, not learned
     assert dec._verify_cost.row_s == pytest.approx(0.004, abs=3e-4)
+
+
+def test_the_decode_loop_gives_algorithm_1_the_learned_step_overhead_as_sunk_time(target_model, monkeypatch):
+    """The overhead every verify step pays beyond the table is sunk like the draft call: Algorithm 1 gets both."""
+    dec = decoder(target_model, "dspark", cost(0.0005, 0.0002))
+    for _ in range(50):
+        dec._learn_verify_cost({None: [0]}, [Proposal.empty(8)], 1 / dec.sps(1) + 0.02)
+    seen = []
+    real = dec._schedule
+    monkeypatch.setattr(dec, "_schedule", lambda *a: seen.append(a[-1]) or real(*a))
+    dec.generate([[3, 4, 5]], GREEDY)
+    assert seen and seen[0] >= 0.02  # the first round: the draft call plus the learned 20 ms
+    assert dec._verify_base_s({"a": [0], "b": [1]}) == 0.0  # two replicas: nothing learned applies
+
+
+def test_a_round_of_r_requests_is_priced_with_the_table_measured_in_r_rows(target_model):
+    """The packed table says extra query tokens are free; the one measured in 4 rows says every token beyond the
+    anchors costs as much as a whole step. Four requests verify no draft; one request alone verifies whole blocks."""
+    steep = SpsTable(tuple(range(4, 33)), tuple(100.0 if b == 4 else 10.0 for b in range(4, 33)))
+    table = SpsTable(FLAT.batch_tokens, FLAT.steps_per_s, ((4, steep),))
+    dec = decoder(target_model, "dspark", None, sps=table)
+    four = dec.generate(PROMPTS, GREEDY)  # all four at once, none drafting: 4 rows every round
+    assert [c.token_ids for c in four] == [c.token_ids for c in plain(target_model, PROMPTS, GREEDY)]
+    assert sum(c.stats.scheduled for c in four) == 0
+    alone = dec.generate(PROMPTS[:1], GREEDY)
+    assert alone[0].stats.scheduled > 0

@@ -67,7 +67,46 @@ def test_load_or_profile_profiles_once_then_loads(engine, tmp_path, monkeypatch)
     msgs = []
     t1 = sps_profile.load_or_profile(engine, log=msgs.append)
     assert msgs and "quick profile" in msgs[0] and t1.batch_tokens[-1] == 32  # 4 slots x 8 tokens
+    assert [r for r, _ in t1.by_rows] == [2, 3, 4]  # and a table per row count the slots allow
     assert (tmp_path / "profiles" / sps_profile.ProfileKey.of(engine).filename).is_file()
     msgs.clear()
     t2 = sps_profile.load_or_profile(engine, log=msgs.append)
     assert not msgs and t2 == t1
+
+
+def test_row_shapes_run_from_one_token_a_row_to_whole_blocks():
+    shapes = sps_profile.row_shapes(8)
+    assert sorted({r for r, _ in shapes}) == [2, 3, 4, 6, 8]
+    assert [b for r, b in shapes if r == 2] == list(range(2, 17))  # every B while few
+    eight = [b for r, b in shapes if r == 8]
+    assert eight[0] == 8 and eight[-1] == 64 and len(eight) == 12 and eight == sorted(set(eight))
+    assert sps_profile.row_shapes(1) == []
+
+
+def test_row_tables_are_measured_in_their_shape_saved_and_loaded(engine, tmp_path):
+    """B tokens over R rows, as a round of R requests verifies them; the table a round of R rows is priced with."""
+    rows = sps_profile.measure(engine, [1, 2, 4, 8, 16], context=16, repeats=1)
+    by_rows = sps_profile.measure_shapes(engine, [(2, 2), (2, 5), (2, 16), (4, 4), (4, 9)], context=16, repeats=2)
+    assert [(r["requests"], r["B"]) for r in by_rows] == [(2, 2), (2, 5), (2, 16), (4, 4), (4, 9)]
+    assert engine.free_slots == 4
+    key = sps_profile.ProfileKey.of(engine)
+    path = sps_profile.save(tmp_path / key.filename, key, rows, context=16, kind="full", by_rows=by_rows)
+    table = sps_profile.load(path, key)
+    assert table == sps_profile.table_of(rows, by_rows)
+    assert [r for r, _ in table.by_rows] == [2, 4]
+    assert table.for_rows(1) is table and table.for_rows(2).batch_tokens == (2, 5, 16)
+    assert table.for_rows(3) is table.for_rows(4) and table.for_rows(4).batch_tokens == (4, 9)  # next one up
+    assert table.for_rows(9) is table.for_rows(4)  # past the last: the largest measured
+    with pytest.raises(ValueError, match="query tokens a row"):
+        sps_profile.measure_shapes(engine, [(2, 17)])
+
+
+def test_a_profile_without_row_tables_prices_every_round_packed(engine, tmp_path):
+    rows = sps_profile.measure(engine, [1, 2], context=16, repeats=1)
+    key = sps_profile.ProfileKey.of(engine)
+    path = sps_profile.save(tmp_path / key.filename, key, rows, context=16, kind="full")
+    doc = json.loads(path.read_text())
+    del doc["by_rows"]  # a profile from before row tables
+    path.write_text(json.dumps(doc))
+    table = sps_profile.load(path, key)
+    assert table.by_rows == () and table.for_rows(4) is table

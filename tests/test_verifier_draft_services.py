@@ -333,7 +333,7 @@ def test_a_pool_prices_each_replica_with_its_own_table_and_stays_exact(bg, stack
     blocks), one whose cost grows with every query token (it verifies anchors only); greedy output is exact."""
     from dspark.router.pool import VerifierPool
 
-    flat = SpsTable((1, 1024), (100.0, 100.0))
+    flat = SpsTable((1, 1024), (100.0, 100.0), ((2, SpsTable((2, 16), (100.0, 100.0))),))  # its row table travels too
     linear = SpsTable(tuple(range(1, 257)), tuple(100.0 / b for b in range(1, 257)))
     vs = [bg.run(start_verifier(make_verifier_core(target_model, max_requests=2, sps=t))) for t in (flat, linear)]
     pool = VerifierPool([RemoteVerifier(f"127.0.0.1:{v.port}") for v in vs])

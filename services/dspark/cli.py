@@ -234,14 +234,17 @@ def cmd_profile(a) -> int:
     from dspark.core import sps_profile
     from dspark.core.engine import TargetEngine
 
-    config = replace(_engine_config(a), max_requests=math.ceil(a.max_b / sps_profile.BLOCK))
+    config = replace(_engine_config(a), max_requests=max(a.max_requests, math.ceil(a.max_b / sps_profile.BLOCK)))
     engine = TargetEngine(config)
     key = sps_profile.ProfileKey.of(engine)
     sizes = sps_profile.quick_sizes(a.max_b) if a.quick else sps_profile.full_sizes(a.max_b)
     print(f"dspark profile: {key}, {len(sizes)} batch sizes up to B={a.max_b}, context {a.context}", flush=True)
     rows = sps_profile.measure(engine, sizes, a.context, a.repeats, log=lambda m: print(m, flush=True))
+    shapes = sps_profile.row_shapes(a.max_requests)
+    print(f"dspark profile: {len(shapes)} shapes of R = 2..{a.max_requests} rows (--max-requests)", flush=True)
+    by_rows = sps_profile.measure_shapes(engine, shapes, a.context, a.repeats, log=lambda m: print(m, flush=True))
     path = Path(a.out) if a.out else sps_profile.default_path(key)
-    sps_profile.save(path, key, rows, a.context, "quick" if a.quick else "full")
+    sps_profile.save(path, key, rows, a.context, "quick" if a.quick else "full", by_rows)
     print(f"wrote {path} and {path.with_suffix('.png')}")
     if a.no_drafter:
         return 0

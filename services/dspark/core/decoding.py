@@ -223,7 +223,8 @@ class Decoder:
         drafted = self._propose(batch, ks)
         cost = self.draft_cost
         draft_s = 0.0 if cost is None else cost(sum(k > 0 for k in ks), max(ks))
-        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, groups, drafted, draft_s))]
+        sunk_s = draft_s + self._verify_base_s(groups)  # seconds of this round no prefix length changes
+        proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, groups, drafted, sunk_s))]
         t = time.perf_counter()
         outs = self.verifier.verify(
             [VerifyItem(r.request_id, r.anchor, p.token_ids, p.probs) for r, p in zip(batch, proposals)]
@@ -343,7 +344,7 @@ class Decoder:
         caps = list(ks)
         ragged = getattr(self.verifier, "ragged", False)
         for replica, idx in groups.items():
-            sps = self._sps_of(replica)
+            sps = self._sps_of(replica, len(idx))
             if sps is None:
                 continue
             for policy in NEEDS_SPS:  # dspark first: Algorithm 1 admits its requests before dspark-async's
@@ -369,22 +370,24 @@ class Decoder:
                     early_stop=policy == "dspark",
                     padded_rows=0 if ragged else len(idx),  # a padded verify step costs rows x the longest block
                     verify_row_s=self._verify_cost.row_s,
+                    verify_base_s=self._verify_base_s(groups),
                 )
                 for i, c in zip(planned, group_caps):
                     caps[i] = c
         return caps
 
     def _schedule(
-        self, batch: list[_Request], groups: dict[Hashable, list[int]], proposals: list[Proposal], draft_s: float
+        self, batch: list[_Request], groups: dict[Hashable, list[int]], proposals: list[Proposal], sunk_s: float
     ) -> list[int]:
         """Verification budget per request: how much of each proposal the target checks this round. The load is what
         each verifier replica batches: each replica's group is priced with that replica's own SPS table (a verifier
-        without replicas: one group, its table), and with what the round's drafting cost."""
+        without replicas: one group, its table), and with the round's sunk seconds: its drafting, and what every
+        verify step costs beyond the table."""
         lengths = [0] * len(batch)
         for replica, idx in groups.items():
             history = self._capacities.setdefault(replica, collections.deque([None, None], maxlen=2))
             group = self._schedule_group(
-                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica), history, draft_s
+                [batch[i] for i in idx], [proposals[i] for i in idx], self._sps_of(replica, len(idx)), history, sunk_s
             )
             for i, n in zip(idx, group):
                 lengths[i] = n
@@ -395,7 +398,7 @@ class Decoder:
         parallel, so one round's time is not one table's step)."""
         if len(groups) != 1 or self.draft_cost is None:
             return
-        sps = self._sps_of(next(iter(groups)))
+        sps = self._sps_of(next(iter(groups)), len(proposals))
         if sps is None:
             return
         lengths = [len(p.token_ids) for p in proposals]
@@ -403,10 +406,16 @@ class Decoder:
         tokens = sum(lengths) + len(lengths) if ragged else len(lengths) * (1 + max(lengths))
         self._verify_cost.observe(seconds, 1.0 / sps(tokens), sum(n > 0 for n in lengths))
 
-    def _sps_of(self, replica: Hashable) -> SpsTable | None:
-        """A replica's own table; the decoder's (`sps`, else the verifier's) without replicas or when it has none."""
+    def _verify_base_s(self, groups: dict[Hashable, list[int]]) -> float:
+        """What the learned verify cost adds to every step of this round (learned for one replica only)."""
+        return self._verify_cost.round_s if len(groups) == 1 else 0.0
+
+    def _sps_of(self, replica: Hashable, rows: int) -> SpsTable | None:
+        """The table a verify step of `rows` rows on a replica is priced with: the replica's own (the decoder's `sps`,
+        else the verifier's, without replicas or when it has none), for that row count."""
         table = None if replica is None else self.verifier.sps_of(replica)
-        return self.sps if table is None else table
+        table = self.sps if table is None else table
+        return None if table is None else table.for_rows(rows)
 
     def _schedule_group(
         self,
@@ -414,7 +423,7 @@ class Decoder:
         proposals: list[Proposal],
         sps: SpsTable | None,
         capacities: collections.deque,
-        draft_s: float = 0.0,
+        sunk_s: float = 0.0,
     ) -> list[int]:
         """The budgets of the requests one verifier batches, priced with its table; `capacities`: its dspark-async
         capacities from the last two rounds it scheduled dspark-async requests in (oldest first)."""
@@ -431,8 +440,8 @@ class Decoder:
                 raise ValueError(f"the {r.policy} policy needs a proposer that reports confidences")
         capacity = capacities[0]
         if "dspark-async" in policies:  # two rounds on, this round's confidences size that round's batch
-            capacities.append(batch_capacity(conf, sps, draft_s))
-        return schedule(policies, conf, sps, self.threshold, capacity, draft_s)
+            capacities.append(batch_capacity(conf, sps, sunk_s))
+        return schedule(policies, conf, sps, self.threshold, capacity, sunk_s)
 
     def _emit(self, r: _Request, tokens: list[int]) -> str | None:
         """Append tokens, cutting at a stop token or max_tokens; return a finish reason or None."""

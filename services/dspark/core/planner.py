@@ -82,6 +82,7 @@ def plan_drafts(
     early_stop: bool = False,
     padded_rows: int = 0,
     verify_row_s: float = 0.0,
+    verify_base_s: float = 0.0,
 ) -> list[int]:
     """Draft caps for one verifier's requests: forecasts[r] = predicted confidences c_{r,1..k_r} (k_r: the most
     request r may draft). Drafting the first n candidates sorted by predicted survival costs t(B, R, K); each n is
@@ -131,7 +132,7 @@ def plan_drafts(
     def verified(n: int) -> int:
         if not early_stop:
             return n
-        d = draft_s[n]
+        d = draft_s[n] + verify_base_s
         if d not in stops:
             m = 0
             while m < len(cands) and throughput(tau[m + 1], sps, B[m + 1], d) > throughput(tau[m], sps, B[m], d):
@@ -142,10 +143,11 @@ def plan_drafts(
     def verify_tokens(m: int) -> int:  # what the verify step computes when the first m candidates are verified
         return padded_rows * (1 + longest[m]) if padded_rows else B[m]
 
-    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0]), 0
+    fixed_s = verify_base_s
+    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0] + fixed_s), 0
     for n in range(1, len(cands) + 1):
         m = verified(n)
-        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n] + row_s[m])
+        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n] + row_s[m] + fixed_s)
         if theta > best:
             best, best_n = theta, n
     caps = [0] * R
@@ -173,6 +175,13 @@ class VerifyRowCost:
     alpha: float = 0.1  # weight of the newest round
     base_s: float | None = None
     row_s: float = 0.0
+
+    @property
+    def round_s(self) -> float:
+        """What every verify step costs beyond its SPS price (base_s, never below 0: a table that overprices is
+        left as it is). The profile times B query tokens in ceil(B / 8) rows; a round of B requests with one token
+        each pays per-row work the table never saw (on a 2-core EPYC at 2 requests, 10-20 ms a step)."""
+        return max(0.0, self.base_s or 0.0)
 
     def observe(self, actual_s: float, predicted_s: float, draft_rows: int) -> None:
         extra = actual_s - predicted_s

@@ -34,16 +34,25 @@ NEEDS_SPS = ("dspark", "dspark-async")
 @dataclass(frozen=True)
 class SpsTable:
     """Profiled verifier steps per second SPS(B) for B query tokens in one forward; B between measured points
-    takes the next measured point's speed (pessimistic), B past the last one extrapolates as 1/B."""
+    takes the next measured point's speed (pessimistic), B past the last one extrapolates as 1/B.
+
+    The main table packs B tokens into as few rows as blocks allow (ceil(B / 8)); a round of R requests verifies its B
+    tokens in R rows, and on a CPU a step of R rows of 1 token is dearer than one row of R tokens (per-row attention
+    and rejection sampling, kernels chosen by shape). `by_rows` holds tables measured in that shape, B tokens spread
+    over R rows, for some R; `for_rows(R)` is the table a round of R rows is priced with."""
 
     batch_tokens: tuple[int, ...]  # ascending B
     steps_per_s: tuple[float, ...]
+    by_rows: tuple[tuple[int, SpsTable], ...] = ()  # (R, SPS over B tokens in R rows), ascending R >= 2
 
     def __post_init__(self):
         if not self.batch_tokens or len(self.batch_tokens) != len(self.steps_per_s):
             raise ValueError("an SPS table needs one steps/s value per batch size")
         if list(self.batch_tokens) != sorted(set(self.batch_tokens)) or self.batch_tokens[0] < 1:
             raise ValueError("batch sizes must be ascending, distinct and >= 1")
+        rows = [r for r, _ in self.by_rows]
+        if rows != sorted(set(rows)) or (rows and rows[0] < 2):
+            raise ValueError("row tables need ascending, distinct row counts >= 2")
 
     def __call__(self, b: int) -> float:
         i = bisect_left(self.batch_tokens, b)
@@ -51,6 +60,14 @@ class SpsTable:
             return self.steps_per_s[i]
         last_b, last_sps = self.batch_tokens[-1], self.steps_per_s[-1]
         return last_sps * last_b / b
+
+    def for_rows(self, rows: int) -> SpsTable:
+        """The table for steps of `rows` rows: the one measured for the next row count up (pessimistic), the
+        largest one past the last, this table for one row or when none was measured."""
+        if rows <= 1 or not self.by_rows:
+            return self
+        i = bisect_left([r for r, _ in self.by_rows], rows)
+        return self.by_rows[min(i, len(self.by_rows) - 1)][1]
 
 
 def survival(confidences: Sequence[float]) -> list[float]:

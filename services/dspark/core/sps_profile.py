@@ -9,6 +9,12 @@ table the scheduler sees is their least-squares non-decreasing fit in step time 
 a smaller one is noise the scheduler must not chase (a quick profile on a loaded 2-core CPU once put B=5 at 181 ms,
 B=2 at 258 ms and B=3 at 303 ms; Algorithm 1's early stop then stops before B=5 for a reason that is not there).
 
+A round of R requests verifies its B tokens in R rows, not ceil(B / 8): on a 2-core EPYC a round of 2 requests with
+one token each took 52-55 ms where one row of 2 tokens took 47 ms, and the packed table's rise from B = 8 (one row)
+to B = 9 (two) then read as a price of the 9th token, so Algorithm 1 stopped before it at 2 requests. `dspark profile`
+also measures row tables, B tokens spread over R rows for R = 2, 3, 4, 6, 8, ... (`row_shapes`), and a round of R
+requests is priced with the table of R rows (`SpsTable.for_rows`).
+
 A table is saved as JSON next to a PNG of the curve, under $DSPARK_HOME/profiles/ by default, keyed by model, device,
 dtype, linear kernel and CPU threads; the serving path loads the matching table at start-up and runs a quick profile
 when there is none.
@@ -70,29 +76,52 @@ def quick_sizes(max_b: int) -> list[int]:
     return sizes
 
 
+def row_shapes(max_rows: int, points: int = 12) -> list[tuple[int, int]]:
+    """(R, B) shapes of the row tables: for R = 2, 3, 4, 6, 8, 12, 16, ... and max_rows itself, B from R (one token a
+    row, plain decoding) to R x BLOCK (every row a whole block), every B while that is at most 16 sizes, else
+    `points` spread."""
+    counts = {n for k in range(1, 12) for n in (2**k, 3 * 2 ** (k - 1)) if n <= max_rows}
+    shapes = []
+    for r in sorted(counts | ({max_rows} if max_rows >= 2 else set())):
+        lo, hi = r, r * BLOCK
+        n = points - 1
+        bs = range(lo, hi + 1) if hi - lo < 16 else sorted({lo + round(i * (hi - lo) / n) for i in range(points)})
+        shapes += [(r, b) for b in bs]
+    return shapes
+
+
 def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats: int = 3, log=None) -> list[dict]:
-    """Median forward time for each B in sizes over `repeats` interleaved passes (one warm-up each first). Needs
-    ceil(max(sizes) / 8) free engine slots."""
-    n_req = math.ceil(max(sizes) / BLOCK)
+    """The packed table: median forward time for each B in sizes, B query tokens in ceil(B / 8) rows."""
+    return measure_shapes(engine, [(math.ceil(b / BLOCK), b) for b in sizes], context, repeats, log)
+
+
+def measure_shapes(
+    engine: TargetEngine, shapes: list[tuple[int, int]], context: int = 128, repeats: int = 3, log=None
+) -> list[dict]:
+    """Median forward time of each (R, B) shape, B query tokens spread as evenly as they go over R rows (at most
+    BLOCK a row), over `repeats` interleaved passes (one warm-up each first). Needs max R free engine slots."""
+    n_req = max(r for r, _ in shapes)
+    if any(not r <= b <= r * BLOCK for r, b in shapes):
+        raise ValueError(f"every shape needs between 1 and {BLOCK} query tokens a row: {shapes}")
     if engine.free_slots < n_req:
-        raise ValueError(f"profiling B up to {max(sizes)} needs {n_req} free engine slots, {engine.free_slots} free")
+        raise ValueError(f"profiling {n_req} rows needs {n_req} free engine slots, {engine.free_slots} free")
     ids = [f"sps-profile-{i}" for i in range(n_req)]
     try:
         for i, rid in enumerate(ids):
             engine.add(rid)
             engine.prefill(rid, [(7 * i + j + 100) % engine.vocab_size for j in range(context)])
         calls = []
-        for b in sizes:
-            query = [42 % engine.vocab_size] * BLOCK
-            blocks = [QueryBlock(ids[i], query[: min(BLOCK, b - i * BLOCK)]) for i in range(math.ceil(b / BLOCK))]
+        query = 42 % engine.vocab_size
+        for r, b in shapes:
+            blocks = [QueryBlock(ids[i], [query] * (b // r + (i < b % r))) for i in range(r)]
             calls.append((b, blocks, lambda blocks=blocks: engine.forward(blocks)))
             calls[-1][2]()  # warm-up
-        times: list[list[float]] = [[] for _ in sizes]
+        times: list[list[float]] = [[] for _ in shapes]
         for n in range(repeats):
             for i, (_, _, fn) in enumerate(calls):
                 times[i].append(seconds_of(fn, engine.device))
             if log:
-                log(f"  pass {n + 1}/{repeats}: B={sizes[0]}..{sizes[-1]}")
+                log(f"  pass {n + 1}/{repeats}: {len(shapes)} shapes")
         rows = []
         for (b, blocks, _), ts in zip(calls, times):
             step = statistics.median(ts)
@@ -137,10 +166,22 @@ def nondecreasing(values: list[float]) -> list[float]:
     return [m for m, n in blocks for _ in range(n)]
 
 
-def table_of(rows: list[dict]) -> SpsTable:
-    """The scheduler's table: step time fitted non-decreasing in B (see the module's docstring)."""
-    steps = nondecreasing([1 / r["sps"] for r in rows])
-    return SpsTable(tuple(r["B"] for r in rows), tuple(1 / t for t in steps))
+def table_of(rows: list[dict], by_rows: list[dict] = ()) -> SpsTable:
+    """The scheduler's table: step time fitted non-decreasing in B (see the module's docstring), for the packed
+    measurements `rows` and, per row count, for `by_rows` (measurements with their "requests")."""
+
+    def fitted(rs: list[dict]) -> SpsTable:
+        rs = sorted(rs, key=lambda r: r["B"])
+        steps = nondecreasing([1 / r["sps"] for r in rs])
+        return SpsTable(tuple(r["B"] for r in rs), tuple(1 / t for t in steps))
+
+    counts = sorted({r["requests"] for r in by_rows})
+    packed = fitted(rows)
+    return SpsTable(
+        packed.batch_tokens,
+        packed.steps_per_s,
+        tuple((n, fitted([r for r in by_rows if r["requests"] == n])) for n in counts),
+    )
 
 
 def write_profile(path: Path, doc: dict, plot_fn) -> Path:
@@ -166,14 +207,17 @@ def read_profile(path: Path, fmt: str, key=None) -> dict:
     return doc
 
 
-def save(path: Path, key: ProfileKey, rows: list[dict], context: int, kind: str) -> Path:
+def save(path: Path, key: ProfileKey, rows: list[dict], context: int, kind: str, by_rows: list[dict] = ()) -> Path:
     doc = {"format": FORMAT, **key.__dict__, "context": context, "kind": kind, "block": BLOCK, "rows": rows}
+    doc["by_rows"] = list(by_rows)
     return write_profile(path, doc, plot)
 
 
 def load(path: Path, key: ProfileKey | None = None) -> SpsTable:
-    """The table in path; with key, raises ValueError unless the table was measured for it."""
-    return table_of(read_profile(path, FORMAT, key)["rows"])
+    """The table in path; with key, raises ValueError unless the table was measured for it. A profile written before
+    row tables existed has none: every round is then priced with the packed table."""
+    doc = read_profile(path, FORMAT, key)
+    return table_of(doc["rows"], doc.get("by_rows", ()))
 
 
 def default_path(key: ProfileKey) -> Path:
@@ -190,8 +234,9 @@ def load_or_profile(engine: TargetEngine, path: Path | None = None, log=print) -
     if log:
         log(f"no SPS profile for {key} at {path}: quick profile up to B={max_b} (run `dspark profile` for all B)")
     rows = measure(engine, quick_sizes(max_b), repeats=2)
-    save(path, key, rows, context=128, kind="quick")
-    return table_of(rows)
+    by_rows = measure_shapes(engine, row_shapes(min(16, engine.free_slots), points=6), repeats=2)
+    save(path, key, rows, context=128, kind="quick", by_rows=by_rows)
+    return table_of(rows, by_rows)
 
 
 def two_panels(path: Path, title: str, draw) -> None:
@@ -215,16 +260,18 @@ def two_panels(path: Path, title: str, draw) -> None:
 
 def plot(doc: dict, path: Path) -> None:
     bs = [r["B"] for r in doc["rows"]]
-
-    fitted = table_of(doc["rows"]).steps_per_s
+    table = table_of(doc["rows"], doc.get("by_rows", ()))
+    fitted = table.steps_per_s
 
     def draw(a1, a2):
-        a1.plot(bs, [r["sps"] for r in doc["rows"]], ".", ms=3, label="measured")
+        a1.plot(bs, [r["sps"] for r in doc["rows"]], ".", ms=3, label="measured, packed (ceil(B/8) rows)")
         a1.plot(bs, fitted, "-", lw=1, label="fitted (step time non-decreasing): what the scheduler uses")
+        for n, t in table.by_rows:
+            a1.plot(t.batch_tokens, t.steps_per_s, "-", lw=0.8, alpha=0.8, label=f"fitted, {n} rows")
         a1.set(xlabel="query tokens B", ylabel="verifier steps / s", title="SPS(B)")
-        a1.legend(fontsize=7)
+        a1.legend(fontsize=6)
         a2.plot(bs, [b * f for b, f in zip(bs, fitted)], ".-", lw=1, ms=3, color="tab:green")
-        a2.set(xlabel="query tokens B", ylabel="query tokens / s", title="B x SPS(B)")
+        a2.set(xlabel="query tokens B", ylabel="query tokens / s", title="B x SPS(B), packed")
 
     title = f"{doc['model']} {doc['device']} {doc['dtype']} threads={doc['threads']} context={doc['context']}"
     two_panels(path, title, draw)

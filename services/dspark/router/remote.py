@@ -23,7 +23,6 @@ import torch
 from dspark.core.engine import CapacityError, ContextLengthError
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest, DraftTimes, Proposal
-from dspark.core.scheduler import SpsTable
 from dspark.core.verifier import Prefilled, PrefillItem, Verified, VerifyItem
 from dspark.serving import telemetry, wire
 from dspark.serving.grpc_server import MISSING_SESSIONS, channel_options
@@ -81,9 +80,7 @@ class RemoteVerifier:
         self.feature_layers = tuple(info.feature_layers)
         self.eos_token_ids = tuple(info.eos_token_ids)
         self.ragged = info.ragged
-        self.sps = (
-            SpsTable(tuple(info.sps.batch_tokens), tuple(info.sps.steps_per_s)) if info.sps.batch_tokens else None
-        )
+        self.sps = wire.sps_from_proto(info.sps)
         self.device = torch.device("cpu")
         self._history: dict[str, list[int]] = {}  # per session: every token so far, the anchor last
         self._params: dict[str, vpb.SamplingParams] = {}

@@ -13,6 +13,7 @@ import torch
 
 from dspark.core.planner import DraftCost
 from dspark.core.sampling import SamplingParams
+from dspark.core.scheduler import SpsTable
 from dspark.v1 import draft_pb2 as dpb
 from dspark.v1 import verifier_pb2 as vpb
 
@@ -131,3 +132,25 @@ def draft_cost_from_proto(m: dpb.DraftCostTable) -> DraftCost | None:
     if k < 1 or len(m.seconds) != k * len(m.rows):
         raise ValueError(f"a draft cost table needs {k} x {len(m.rows)} times, got {len(m.seconds)}")
     return DraftCost(tuple(m.rows), tuple(tuple(m.seconds[i * k : (i + 1) * k]) for i in range(len(m.rows))))
+
+
+def sps_to_proto(sps: SpsTable) -> vpb.SpsTable:
+    return vpb.SpsTable(
+        batch_tokens=list(sps.batch_tokens),
+        steps_per_s=list(sps.steps_per_s),
+        by_rows=[
+            vpb.SpsRowTable(rows=r, batch_tokens=list(t.batch_tokens), steps_per_s=list(t.steps_per_s))
+            for r, t in sps.by_rows
+        ],
+    )
+
+
+def sps_from_proto(m: vpb.SpsTable) -> SpsTable | None:
+    """None for an absent table (a verifier that has not profiled itself)."""
+    if not m.batch_tokens:
+        return None
+    return SpsTable(
+        tuple(m.batch_tokens),
+        tuple(m.steps_per_s),
+        tuple((t.rows, SpsTable(tuple(t.batch_tokens), tuple(t.steps_per_s))) for t in m.by_rows),
+    )

@@ -153,7 +153,7 @@ class VerifierCore:
             max_sessions=self.engine.config.max_requests,
             active_sessions=self.sessions,
             feature_layers=list(self.engine.config.feature_layers),
-            sps=vpb.SpsTable(batch_tokens=list(sps.batch_tokens), steps_per_s=list(sps.steps_per_s)) if sps else None,
+            sps=wire.sps_to_proto(sps) if sps else None,
             eos_token_ids=list(self.eos_token_ids),
             ragged=self.engine.ragged,
         )
