@@ -219,11 +219,12 @@ class Decoder:
         if not batch:
             return finished
         groups = self._groups(batch)
-        ks = self._plan(batch, groups, [self._budget(r) for r in batch])
+        base_s = self._verify_base_s(groups)
+        ks = self._plan(batch, groups, [self._budget(r) for r in batch], base_s)
         drafted = self._propose(batch, ks)
         cost = self.draft_cost
         draft_s = 0.0 if cost is None else cost(sum(k > 0 for k in ks), max(ks))
-        sunk_s = draft_s + self._verify_base_s(groups)  # seconds of this round no prefix length changes
+        sunk_s = draft_s + base_s  # seconds of this round no prefix length changes
         proposals = [p.prefix(n) for p, n in zip(drafted, self._schedule(batch, groups, drafted, sunk_s))]
         t = time.perf_counter()
         outs = self.verifier.verify(
@@ -334,10 +335,13 @@ class Decoder:
             groups.setdefault(None if replica_of is None else replica_of(r.request_id), []).append(i)
         return groups
 
-    def _plan(self, batch: list[_Request], groups: dict[Hashable, list[int]], ks: list[int]) -> list[int]:
+    def _plan(
+        self, batch: list[_Request], groups: dict[Hashable, list[int]], ks: list[int], base_s: float
+    ) -> list[int]:
         """How many tokens each request drafts this round, decided before drafting: the confidence-scheduled
         policies draft what the forecast of their confidences and the drafter's cost say is worth verifying (at most
-        their budget k); the others draft k. Without a draft cost table (or a forecast yet) everyone drafts k."""
+        their budget k); the others draft k. Without a draft cost table (or a forecast yet) everyone drafts k. base_s:
+        what every verify step of the round costs beyond its table (`_verify_base_s`)."""
         cost = self.draft_cost
         if cost is None or self.proposer is None:
             return ks
@@ -370,7 +374,7 @@ class Decoder:
                     early_stop=policy == "dspark",
                     padded_rows=0 if ragged else len(idx),  # a padded verify step costs rows x the longest block
                     verify_row_s=self._verify_cost.row_s,
-                    verify_base_s=self._verify_base_s(groups),
+                    verify_base_s=base_s,
                 )
                 for i, c in zip(planned, group_caps):
                     caps[i] = c

@@ -143,11 +143,10 @@ def plan_drafts(
     def verify_tokens(m: int) -> int:  # what the verify step computes when the first m candidates are verified
         return padded_rows * (1 + longest[m]) if padded_rows else B[m]
 
-    fixed_s = verify_base_s
-    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0] + fixed_s), 0
+    best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0] + verify_base_s), 0
     for n in range(1, len(cands) + 1):
         m = verified(n)
-        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n] + row_s[m] + fixed_s)
+        theta = throughput(tau[m], sps, verify_tokens(m), draft_s[n] + row_s[m] + verify_base_s)
         if theta > best:
             best, best_n = theta, n
     caps = [0] * R
@@ -179,8 +178,7 @@ class VerifyRowCost:
     @property
     def round_s(self) -> float:
         """What every verify step costs beyond its SPS price (base_s, never below 0: a table that overprices is
-        left as it is). The profile times B query tokens in ceil(B / 8) rows; a round of B requests with one token
-        each pays per-row work the table never saw (on a 2-core EPYC at 2 requests, 10-20 ms a step)."""
+        left as it is): the machine's drift since profiling, and rows past the largest row table measured."""
         return max(0.0, self.base_s or 0.0)
 
     def observe(self, actual_s: float, predicted_s: float, draft_rows: int) -> None:

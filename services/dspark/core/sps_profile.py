@@ -26,7 +26,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -176,12 +176,7 @@ def table_of(rows: list[dict], by_rows: list[dict] = ()) -> SpsTable:
         return SpsTable(tuple(r["B"] for r in rs), tuple(1 / t for t in steps))
 
     counts = sorted({r["requests"] for r in by_rows})
-    packed = fitted(rows)
-    return SpsTable(
-        packed.batch_tokens,
-        packed.steps_per_s,
-        tuple((n, fitted([r for r in by_rows if r["requests"] == n])) for n in counts),
-    )
+    return replace(fitted(rows), by_rows=tuple((n, fitted([r for r in by_rows if r["requests"] == n])) for n in counts))
 
 
 def write_profile(path: Path, doc: dict, plot_fn) -> Path:
@@ -209,8 +204,7 @@ def read_profile(path: Path, fmt: str, key=None) -> dict:
 
 def save(path: Path, key: ProfileKey, rows: list[dict], context: int, kind: str, by_rows: list[dict] = ()) -> Path:
     doc = {"format": FORMAT, **key.__dict__, "context": context, "kind": kind, "block": BLOCK, "rows": rows}
-    doc["by_rows"] = list(by_rows)
-    return write_profile(path, doc, plot)
+    return write_profile(path, doc | {"by_rows": list(by_rows)}, plot)
 
 
 def load(path: Path, key: ProfileKey | None = None) -> SpsTable:
