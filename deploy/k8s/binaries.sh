@@ -42,7 +42,11 @@ apt-get "${apto[@]}" update >&2
 (cd "$apt/src" && apt-get "${apto[@]}" source --download-only "kubernetes=$version" >&2)
 src=$k8s/src/kubernetes
 if [ ! -d "$src" ]; then
-  dpkg-source -x "$apt/src/kubernetes_${version#*:}.dsc" "$src" >&2
+  # dpkg-source copies the orig tarball beside the tree it unpacks, into a folder that must exist; it unpacks into
+  # a .part folder first, so an interrupted run is not mistaken for a whole tree next time
+  mkdir -p "$(dirname "$src")" && rm -rf "$src.part"
+  dpkg-source -x "$apt/src/kubernetes_${version#*:}.dsc" "$src.part" >&2
+  mv "$src.part" "$src"
   # the vendored reflect2 1.0.1 breaks with Go >= 1.18; Debian's 1.0.2 replaces it
   rm -rf "$src/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/"
