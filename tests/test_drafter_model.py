@@ -9,7 +9,7 @@ from dspark.core.config import EngineConfig
 from dspark.core.engine import TargetEngine
 from dspark.core.sampling import SamplingParams, logits_to_probs
 from dspark.drafter.checkpoint import load_trained_drafter, save_trained_drafter, target_fingerprint
-from dspark.drafter.loss import acceptance_rate, drafter_loss, position_weights, total_variation
+from dspark.drafter.loss import LossWeights, acceptance_rate, drafter_loss, position_weights, total_variation
 from dspark.drafter.model import (
     ContextKV,
     DrafterConfig,
@@ -372,3 +372,42 @@ def test_joint_fit_calibrates_every_prefix():
     assert prefix_ece(logits, accepted, joint) < 0.5 * raw
     # coordinate descent on the summed objective is never worse than the greedy left-to-right fit by much
     assert prefix_ece(logits, accepted, joint) <= prefix_ece(logits, accepted, sts) + 0.01
+
+
+def test_position_decay_and_forward_kl_warmup_terms():
+    """LossWeights.decay sets w_k = exp(-(k-1)/decay) (DeepSpec's 4 against the paper's gamma); the forward-KL term is
+    0 where the drafter matches the target, positive elsewhere, and enters the loss only with its weight."""
+    torch.testing.assert_close(position_weights(7, decay=4.0), torch.exp(-torch.arange(7.0) / 4))
+    g = torch.Generator().manual_seed(1)
+    draft, target = torch.randn(2, 3, 4, V, generator=g), torch.randn(2, 3, 4, V, generator=g)
+    labels, conf = torch.randint(0, V, (2, 3, 4), generator=g), torch.randn(2, 3, 4, generator=g)
+    tv_only = drafter_loss(draft, target, labels, conf, weights=LossWeights())
+    kl_only = drafter_loss(draft, target, labels, conf, weights=LossWeights(tv=0.0, kl=0.9))
+    same = drafter_loss(target, target, labels, conf, weights=LossWeights(tv=0.0, kl=0.9))
+    kl = (kl_only.loss - 0.1 * kl_only.ce - kl_only.conf) / 0.9
+    assert kl.item() > 0.05
+    assert (same.loss - 0.1 * same.ce - same.conf).item() == pytest.approx(0.0, abs=1e-5)
+    assert tv_only.loss.item() == pytest.approx(0.1 * tv_only.ce.item() + 0.9 * tv_only.tv.item() + tv_only.conf.item())
+    flat = drafter_loss(draft, target, labels, conf, weights=LossWeights(decay=1e6))  # ~equal weights
+    l1 = (draft.softmax(-1) - target.softmax(-1)).abs().sum(-1)
+    assert flat.tv.item() == pytest.approx(l1.mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_warm_start_copies_the_targets_last_layers(arch):
+    """init_layers_from: draft layer j holds the target's layer L - n_layer + j (projections, pre-norms), the final
+    norm the target's; Gemma's (1 + w) norms arrive as scales."""
+    model = tiny_model(arch, vocab=V, layers=3)
+    d = DSparkDrafter.from_target_model(model, n_layer=2, gamma=4, markov_rank=8)
+    d.init_layers_from(model)
+    src = model.model.layers
+    for j, layer in enumerate(d.layers):
+        t = src[1 + j]
+        assert torch.equal(layer.attn.q_proj.weight, t.self_attn.q_proj.weight)
+        assert torch.equal(layer.attn.o_proj.weight, t.self_attn.o_proj.weight)
+        assert torch.equal(layer.mlp.down.weight, t.mlp.down_proj.weight)
+        shift = 1.0 if arch == "gemma3" else 0.0
+        torch.testing.assert_close(layer.ln_1.weight, t.input_layernorm.weight + shift)
+    torch.testing.assert_close(d.norm.weight, model.model.norm.weight + (1.0 if arch == "gemma3" else 0.0))
+    feats, ids = batch(d, B=1, L=10, seed=2)
+    assert torch.isfinite(d(feats, ids, torch.tensor([[2, 5]])).logits).all()

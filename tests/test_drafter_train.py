@@ -199,6 +199,42 @@ def test_no_sequential_head_ablation_via_cli(target, data, tmp_path, monkeypatch
     assert d.confidence.in_features == d.config.hidden_size
 
 
+def test_ablation_options_via_cli(target, data, tmp_path, monkeypatch):
+    """The issue's ablations as flags: a warm start from the target's last layers, DeepSpec's position decay, a
+    forward-KL warm-up and the block size; each lands in the run's config and the first step starts where it says."""
+    import dspark.drafter.train
+    import dspark.models.model_store
+    from dspark.cli import main
+
+    monkeypatch.setattr(dspark.models.model_store, "load_model", lambda *a, **k: (target, None))
+    monkeypatch.setitem(dspark.drafter.train.PRESETS, "tiny", small(eval_every=0, checkpoint_every=0))
+    out = tmp_path / "ablation"
+    args = ["train", "--data", str(data), "--config", "tiny", "--steps", "4", "--init-layers", "target"]
+    args += ["--position-decay", "4", "--kl-warmup", "2", "--gamma", "3", "--out", str(out)]
+    assert main(args) == 0
+    cfg = json.loads((out / METADATA).read_text())["train_config"]
+    assert (cfg["init_layers"], cfg["position_decay"], cfg["kl_warmup"], cfg["gamma"]) == ("target", 4.0, 2, 3)
+    log = json.loads((out / LOG).read_text())
+    assert len(log["train"]) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log["train"])
+    # a warm start begins from the target's last layer (the tiny target has 2 layers, the drafter 1)
+    first = train(small(steps=1, init_layers="target"), data, tmp_path / "warm", model=target, progress=False)
+    assert first.step == 1
+    fresh = dspark.drafter.train.DSparkDrafter.from_target_model(target, n_layer=1, gamma=4, markov_rank=8)
+    fresh.init_layers_from(target)
+    assert torch.equal(fresh.layers[0].mlp.up.weight, target.model.layers[1].mlp.up_proj.weight)
+
+
+def test_kl_warmup_schedule_and_validation():
+    cfg = small(kl_warmup=3, position_decay=4.0)
+    before, after = cfg.loss_weights_at(2), cfg.loss_weights_at(3)
+    assert (before.tv, before.kl, before.decay) == (0.0, cfg.loss_tv, 4.0)
+    assert (after.tv, after.kl) == (cfg.loss_tv, 0.0) and after == cfg.loss_weights
+    with pytest.raises(ValueError, match="init_layers"):
+        small(init_layers="copy")
+    with pytest.raises(ValueError, match="position_decay"):
+        small(position_decay=0.0)
+
+
 # -- pieces ----------------------------------------------------------------------------------------------------
 
 

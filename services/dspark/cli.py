@@ -363,7 +363,7 @@ def cmd_train(a) -> int:
 
     overrides = {}
     keys = ("model", "device", "dtype", "steps", "sequential_head", "markov_rank", "max_examples", "threads")
-    keys += ("init_from", "lr", "warmup")
+    keys += ("init_from", "lr", "warmup", "init_layers", "position_decay", "kl_warmup", "gamma", "draft_vocab")
     for key in (*keys, "autocast"):
         if getattr(a, key) is not None:
             overrides[key] = getattr(a, key)
@@ -517,6 +517,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fine-tune: start from this trained drafter (folder or .safetensors), keeping its draft vocabulary",
     )
+    t.add_argument(
+        "--init-layers",
+        default=None,
+        choices=["random", "target"],
+        help="'target': draft layers start as the target's last layers (default: random, as DeepSpec)",
+    )
+    t.add_argument(
+        "--position-decay", type=float, default=None, help="loss weights exp(-(k-1)/D) (default: gamma, the paper's)"
+    )
+    t.add_argument("--kl-warmup", type=int, default=None, help="first N steps on forward KL instead of TV")
+    t.add_argument("--gamma", type=int, default=None, help="block size: draft tokens per round (default: 7)")
+    t.add_argument("--draft-vocab", type=int, default=None, help="draft vocabulary size (0: all; default: preset's)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the preset's)")
     t.add_argument("--model", default=None, help="target (default: the preset's, the default model)")

@@ -22,6 +22,8 @@ class LossWeights:
     ce: float = 0.1  # alpha_ce (eq. 12)
     tv: float = 0.9  # alpha_tv
     conf: float = 1.0  # alpha_conf
+    kl: float = 0.0  # forward KL(p_t || p_d) on the drafter's columns (a warm-up before TV; not in eq. 12)
+    decay: float | None = None  # position weights exp(-(k-1)/decay); None: gamma (the paper), DeepSpec's code uses 4
 
 
 @dataclass
@@ -34,10 +36,10 @@ class DrafterLosses:
     tau: torch.Tensor  # () detached: expected tokens per round, 1 + sum_k prod_{i<=k} c*_i, mean over blocks
 
 
-def position_weights(gamma: int, device=None) -> torch.Tensor:
-    """w_k = exp(-(k-1)/gamma) for k = 1..gamma (§3.3, after DFlash): earlier positions weigh more, as every later
-    token only counts if all before it are accepted."""
-    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / gamma)
+def position_weights(gamma: int, device=None, decay: float | None = None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/decay) for k = 1..gamma, decay = gamma by default (§3.3, after DFlash): earlier positions weigh
+    more, as every later token only counts if all before it are accepted."""
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / (decay or gamma))
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,7 @@ def drafter_loss(
     weights = weights or LossWeights()
     gamma = draft_logits.shape[-2]
     valid = torch.ones_like(labels, dtype=torch.bool) if valid is None else valid.bool()
-    w = position_weights(gamma, draft_logits.device) * valid  # (..., gamma)
+    w = position_weights(gamma, draft_logits.device, weights.decay) * valid  # (..., gamma)
     denom = w.sum().clamp(min=1e-6)
 
     logp_d = draft_logits.float().log_softmax(-1)  # (..., gamma, N)
@@ -88,14 +90,19 @@ def drafter_loss(
     l1 = (p_d - p_t).abs().sum(-1) + off  # (..., gamma)  ||p_d - p_t||_1 over the whole vocabulary
     c_star = (1.0 - 0.5 * l1).clamp(0.0, 1.0).detach()  # eq. 8, a soft label: no gradient through it
     bce = F.binary_cross_entropy_with_logits(conf_logits.float(), c_star, reduction="none")  # (..., gamma)
+    # forward KL on the N columns: sum p_t (log p_t - log p_d); the target's mass off them is a constant the drafter
+    # cannot move (and infinite in a true KL), so it is left out
+    kl = (p_t * (p_t.clamp(min=1e-12).log() - logp_d)).sum(-1) if weights.kl else torch.zeros_like(l1)
 
     ce = (w * nll).sum() / denom  # eq. 9
     tv = (w * l1).sum() / denom  # eq. 10
     conf = (w * bce).sum() / denom  # eq. 11
+    kl = (w * kl).sum() / denom
     with torch.no_grad():
         vf = valid.float().reshape(-1, gamma)
         cs = c_star.reshape(-1, gamma) * vf
         accept = cs.sum(0) / vf.sum(0).clamp(min=1)
         blocks = vf[:, 0] > 0
         tau = (1.0 + cs.cumprod(-1).sum(-1))[blocks].mean() if blocks.any() else cs.new_zeros(())
-    return DrafterLosses(weights.ce * ce + weights.tv * tv + weights.conf * conf, ce, tv, conf, accept, tau)
+    loss = weights.ce * ce + weights.tv * tv + weights.conf * conf + weights.kl * kl
+    return DrafterLosses(loss, ce, tv, conf, accept, tau)

@@ -343,6 +343,28 @@ class DSparkDrafter(nn.Module):
     def lm_head(self) -> nn.Module:
         return self._shared[1]
 
+    @torch.no_grad()
+    def init_layers_from(self, model) -> None:
+        """Warm start: draft layer j takes the weights of the target's decoder layer L - n_layer + j (its last
+        layers: attention and MLP projections, the two pre-norms), the final norm the target's. Biases (Qwen2's q/k/v)
+        and the target's own q/k norms have no counterpart and are dropped; Gemma's (1 + w) norms are converted. The
+        drafter's per-head q/k norms stay at 1, so attention sees rescaled scores: a starting point, not a copy."""
+        layers = model.model.layers
+        gemma = model.config.model_type.startswith("gemma")
+
+        def norm(dst: RMSNorm, src: nn.Module) -> None:
+            dst.weight.copy_(src.weight.float() + 1.0 if gemma else src.weight)
+
+        for j, dst in enumerate(self.layers):
+            src = layers[len(layers) - len(self.layers) + j]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(dst.attn, name).weight.copy_(getattr(src.self_attn, name).weight)
+            for mine, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                getattr(dst.mlp, mine).weight.copy_(getattr(src.mlp, theirs).weight)
+            norm(dst.ln_1, src.input_layernorm)
+            norm(dst.ln_2, src.pre_feedforward_layernorm if gemma else src.post_attention_layernorm)
+        norm(self.norm, model.model.norm)
+
     # -- persistence (the shared target modules are never part of it) ------------------------------------------
 
     def drafter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -110,6 +110,7 @@ class TrainConfig:
     markov_rank: int = 256
     draft_vocab: int = 0  # train over the N most frequent response tokens only, as drafting uses them (0: all V)
     init_from: str | None = None  # start from this trained drafter (its weights and draft vocabulary), not at random
+    init_layers: str = "random"  # "random" | "target": draft layers start as the target's last layers (warm start)
     weights_dtype: str = "float32"  # dtype of the saved drafter.safetensors (training itself is float32)
     # data
     max_seq_len: int = 256  # prompt + response tokens per example
@@ -128,6 +129,8 @@ class TrainConfig:
     loss_ce: float = 0.1  # eq. 12 weights
     loss_tv: float = 0.9
     loss_conf: float = 1.0
+    position_decay: float | None = None  # loss position weights exp(-(k-1)/decay); None: gamma (paper), 4: DeepSpec
+    kl_warmup: int = 0  # first N steps train on forward KL(p_t || p_d) in place of TV, then TV (eq. 12)
     # bookkeeping
     eval_every: int = 100
     eval_batches: int = 2
@@ -140,6 +143,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.feature_layers is not None:
             object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        if self.init_layers not in ("random", "target"):
+            raise ValueError(f"init_layers must be random or target, got {self.init_layers!r}")
+        if self.position_decay is not None and self.position_decay <= 0:
+            raise ValueError("position_decay must be > 0")
         if self.sequential_head not in ("markov", "rnn", "none"):
             raise ValueError(f"sequential_head must be markov, rnn or none, got {self.sequential_head!r}")
         if not 0.0 < self.heldout_frac < 1.0:
@@ -169,7 +176,13 @@ class TrainConfig:
 
     @property
     def loss_weights(self) -> LossWeights:
-        return LossWeights(ce=self.loss_ce, tv=self.loss_tv, conf=self.loss_conf)
+        """Eq. 12's weights, what training converges on and held-out evals report."""
+        return LossWeights(ce=self.loss_ce, tv=self.loss_tv, conf=self.loss_conf, decay=self.position_decay)
+
+    def loss_weights_at(self, step: int) -> LossWeights:
+        """The weights of step `step` (0-based): during the KL warm-up the TV weight goes to forward KL."""
+        w = self.loss_weights
+        return replace(w, tv=0.0, kl=self.loss_tv) if step < self.kl_warmup else w
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -775,8 +788,12 @@ def train(
     drafter = DSparkDrafter.from_target_model(model, feature_layers=cfg.feature_layers, **cfg.drafter_overrides())
     if cfg.init_from and ckpt is None:
         _start_from(drafter, cfg.init_from, model, tokenizer)
-    elif cfg.draft_vocab:
-        drafter.set_draft_vocab(training_vocab([examples[i] for i in train_idx], cfg.draft_vocab, model, tokenizer))
+    else:
+        if cfg.init_layers == "target" and ckpt is None:
+            drafter.init_layers_from(model)
+        if cfg.draft_vocab:
+            vocab = training_vocab([examples[i] for i in train_idx], cfg.draft_vocab, model, tokenizer)
+            drafter.set_draft_vocab(vocab)
     drafter = drafter.to(cfg.device).train()
     target = Target(model, drafter.config.feature_layers, autocast=cfg.autocast)
     if cfg.feature_cache:
@@ -829,7 +846,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         losses = block_loss(
-            drafter, target, batch, cfg.anchors_per_seq, step_generator(cfg.seed, step), cfg.loss_weights
+            drafter, target, batch, cfg.anchors_per_seq, step_generator(cfg.seed, step), cfg.loss_weights_at(step)
         )
         opt.zero_grad(set_to_none=True)
         losses.loss.backward()
