@@ -1,7 +1,8 @@
 """The runs behind `make loadtest`, `make loadtest-chaos` and `make soak`: Locust headless (a subprocess per policy and
 load shape) against a stack, then the report.
 
-- loadtest: for each policy, a concurrency sweep and an arrival-rate sweep on the same stack; tables + PNGs.
+- loadtest: a concurrency sweep and an arrival-rate sweep on the same stack, each step run once per policy before the
+  next (the policies' order alternating, so drift hits both sides of a ratio alike); tables + PNGs.
 - chaos: Locust drives a local stack (good users and bad-input users) while the draft service, then the verifier,
   is SIGKILLed and restarted on the same command line; seeded T=0 probes sent all along must return the tokens they
   returned before the faults, and the run must end with 0 failed good requests. Reports what each fault cost.
@@ -129,18 +130,33 @@ def _slo(a) -> report.Slo:
     return report.Slo(a.slo_ttft_s, a.slo_tpot_s)
 
 
+def sweep(a) -> list[tuple[str, str]]:
+    """(policy, load) runs in the order they run. Interleaved (the default): each load step once per policy before
+    the next step, the policies' order reversed every other step (A B, B A, ...), so a machine that drifts within
+    minutes (these 2-core hosts do, by +-10%) moves both sides of a ratio alike. Otherwise each policy's whole
+    concurrency sweep, then its rate sweep."""
+    policies = a.policies.split(",")  # "" = the router's own policy
+    conc = [f"concurrency:{c}" for c in a.concurrency.split(",") if c.strip()] if a.concurrency else []
+    rates = [f"rate:{r}" for r in a.rates.split(",") if r.strip()] if a.rates else []
+    if not a.interleave:
+        sweeps = ([f"concurrency:{a.concurrency}"] if conc else []) + ([f"rate:{a.rates}"] if rates else [])
+        return [(p, load) for p in policies for load in sweeps]
+    return [(p, load) for i, load in enumerate(conc + rates) for p in (policies if i % 2 == 0 else policies[::-1])]
+
+
+def run_name(load: str, interleave: bool = True) -> str:
+    """The files' prefix of one run: its load kind for a whole sweep, else its step (rate:0.25 -> rate-0_25, no dot
+    the .jsonl/.log suffixes would replace)."""
+    return load.replace(":", "-").replace(".", "_") if interleave else load.split(":")[0]
+
+
 def run_loadtest(a) -> int:
     files = []
     with target(a) as t:
-        for policy in a.policies.split(","):
-            if a.concurrency:
-                files.append(
-                    locust(
-                        t, a.out / policy / "concurrency", f"concurrency:{a.concurrency}", a.step_s, a, policy=policy
-                    )
-                )
-            if a.rates:
-                files.append(locust(t, a.out / policy / "rate", f"rate:{a.rates}", a.step_s, a, policy=policy))
+        runs = sweep(a)
+        for i, (policy, load) in enumerate(runs, 1):
+            progress(f"run {i}/{len(runs)}: {policy or 'router-policy'}, {load}")
+            files.append(locust(t, a.out / policy / run_name(load, a.interleave), load, a.step_s, a, policy=policy))
     records = report.read_records(files)
     rows = report.summarize(records, a.step_s, a.warmup_s, _slo(a))
     meta = {k: str(v) for k, v in vars(a).items() if k != "fn"}
@@ -444,6 +460,12 @@ def parse(argv=None):
     lt.add_argument("--rates", default="0.25,0.5,1", help="requests/s; '' = no rate sweep")
     lt.add_argument("--step-s", type=float, default=60.0)
     lt.add_argument("--warmup-s", type=float, default=10.0, help="the start of each step left out of its stats")
+    lt.add_argument(
+        "--no-interleave",
+        dest="interleave",
+        action="store_false",
+        help="run each policy's whole sweep in turn (default: each step for every policy, order alternating)",
+    )
     lt.set_defaults(fn=run_loadtest)
     ch = sub.add_parser("chaos", parents=[common], help="SIGKILL + restart the draft service, then the verifier")
     ch.add_argument("--faults", default="draft,verifier")

@@ -85,10 +85,46 @@ def test_the_report_leaves_out_each_steps_warm_up_and_counts_goodput_under_both_
     # meeting both SLOs: TTFT <= 0.6 s (i <= 50) and TPOT 0.05 s (odd i): 25 of the 101 requests in the window
     assert first["goodput_share"] == pytest.approx(25 / 101, abs=1e-4)
     assert first["goodput_rps"] == pytest.approx(25 / 35, abs=1e-3)
-    assert first["throughput_tok_s"] == pytest.approx(100 * 11 / 35, abs=1e-2)
+    # every token streamed inside [5, 40] s counts, the warm-up request's too (its tokens arrive from 9 s on)
+    assert first["throughput_tok_s"] == pytest.approx(101 * 11 / 35, abs=1e-2)
     assert first["tpot_p50_ms"] == pytest.approx(275, abs=1)  # half at 50 ms, half at 500 ms
     assert second["policy"] == "autoregressive" and second["requests"] == 3
     assert report.bad_input(records) == {"http logprobs": {"ok": 1, "wrong": 0}}
+
+
+def test_throughput_counts_the_tokens_streamed_inside_the_steps_window():
+    # first token at 2 s, the other 10 spread evenly over 2..12 s
+    r = _record("c=1", 1.0, 1.0, 11, 11.0)
+    assert report.delivered_tokens(r, 0.0, 20.0) == 11
+    assert report.delivered_tokens(r, 7.0, 20.0) == pytest.approx(5.0)  # the second half of the stream
+    assert report.delivered_tokens(r, 0.0, 4.0) == pytest.approx(1 + 2.0)  # the first token and 2 of 10 s
+    assert report.delivered_tokens(r, 13.0, 20.0) == 0
+    assert report.delivered_tokens(_record("c=1", 0.0, 0.5, 11, 3.0, ok=False), 0.0, 20.0) == 0
+    # a step of 20 s after a 5 s warm-up: requests that end after the step count for what they streamed in it
+    records = [_record("c=2", 10.0 * i, 1.0, 21, 21.0) for i in range(3)]  # streams over 1..21, 11..31, 21..41 s
+    (row,) = report.summarize(records, step_s=25.0, warmup_s=5.0, slo=report.Slo())
+    inside = 16 * 20 / 20 + (1 + 14 * 20 / 20) + (1 + 4 * 20 / 20)  # over [5, 25] s
+    assert row["throughput_tok_s"] == pytest.approx(inside / 20, abs=1e-3)
+
+
+def test_the_driver_interleaves_the_policies_step_by_step_in_alternating_order():
+    from loadtest import drive
+
+    a = drive.parse(["loadtest", "--policies", "dspark,autoregressive", "--concurrency", "1,8", "--rates", "0.5"])
+    assert drive.sweep(a) == [
+        ("dspark", "concurrency:1"),
+        ("autoregressive", "concurrency:1"),
+        ("autoregressive", "concurrency:8"),
+        ("dspark", "concurrency:8"),
+        ("dspark", "rate:0.5"),
+        ("autoregressive", "rate:0.5"),
+    ]
+    names = [drive.run_name(load) for _, load in drive.sweep(a)]
+    assert names[:2] == ["concurrency-1", "concurrency-1"] and names[-1] == "rate-0_5"
+    loads = ["rate:0.25", "rate:0.5", "rate:1", "concurrency:16"]  # one file per step, none overwriting another
+    assert len({(Path(drive.run_name(x)).with_suffix(".jsonl")) for x in loads}) == len(loads)
+    a = drive.parse(["loadtest", "--no-interleave", "--concurrency", "1,8", "--rates", ""])
+    assert drive.sweep(a) == [("dspark", "concurrency:1,8"), ("autoregressive", "concurrency:1,8")]
 
 
 def test_the_report_files_hold_the_percentile_fields_and_the_plots(tmp_path):
