@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from dspark.core.engine import CapacityError, ContextLengthError, TargetEngine
-from dspark.core.planner import ConfidenceForecast, DraftCost, VerifyRowCost, plan_drafts
+from dspark.core.planner import ConfidenceForecast, DraftCost, VerifyRowCost, plan_drafts, verify_step_tokens
 from dspark.core.proposer import DraftRequest, Proposal, Proposer
 from dspark.core.sampling import SamplingParams
 from dspark.core.scheduler import NEEDS_SPS, POLICIES, SpsTable, batch_capacity, expected_tokens, schedule
@@ -407,7 +407,7 @@ class Decoder:
             return
         lengths = [len(p.token_ids) for p in proposals]
         ragged = getattr(self.verifier, "ragged", False)
-        tokens = sum(lengths) + len(lengths) if ragged else len(lengths) * (1 + max(lengths))
+        tokens = verify_step_tokens(sum(lengths) + len(lengths), len(lengths), max(lengths), ragged)
         self._verify_cost.observe(seconds, 1.0 / sps(tokens), sum(n > 0 for n in lengths))
 
     def _verify_base_s(self, groups: dict[Hashable, list[int]]) -> float:

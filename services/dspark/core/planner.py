@@ -141,7 +141,7 @@ def plan_drafts(
         return min(n, stops[d])
 
     def verify_tokens(m: int) -> int:  # what the verify step computes when the first m candidates are verified
-        return padded_rows * (1 + longest[m]) if padded_rows else B[m]
+        return verify_step_tokens(B[m], padded_rows, longest[m], ragged=not padded_rows)
 
     best, best_n = margin * throughput(tau[0], sps, verify_tokens(0), draft_s[0] + row_s[0] + verify_base_s), 0
     for n in range(1, len(cands) + 1):
@@ -153,6 +153,12 @@ def plan_drafts(
     for _, r, j in cands[:best_n]:
         caps[r] = max(caps[r], j)
     return caps
+
+
+def verify_step_tokens(total: int, rows: int, longest: int, ragged: bool) -> int:
+    """Query tokens a verify step computes: `total` (every row's anchor and drafts) for an engine that computes real
+    tokens only (`ragged`), else every one of `rows` rows padded to the longest block, rows x (1 + longest)."""
+    return total if ragged else rows * (1 + longest)
 
 
 def _draft_seconds(draft_cost: DraftCost | None, rows: int, positions: int) -> float:
