@@ -216,12 +216,20 @@ def test_ablation_options_via_cli(target, data, tmp_path, monkeypatch):
     assert (cfg["init_layers"], cfg["position_decay"], cfg["kl_warmup"], cfg["gamma"]) == ("target", 4.0, 2, 3)
     log = json.loads((out / LOG).read_text())
     assert len(log["train"]) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log["train"])
-    # a warm start begins from the target's last layer (the tiny target has 2 layers, the drafter 1)
+    # inside train, the drafter it trains is warm-started before its first step, from the target's last layer (the
+    # tiny target has 2 layers, the drafter 1), and only when asked
+    drafter_cls = dspark.drafter.train.DSparkDrafter
+    original, starts = drafter_cls.init_layers_from, []
+
+    def spy(self, model):
+        original(self, model)
+        starts.append(torch.equal(self.layers[0].mlp.up.weight, model.model.layers[1].mlp.up_proj.weight))
+
+    monkeypatch.setattr(drafter_cls, "init_layers_from", spy)
     first = train(small(steps=1, init_layers="target"), data, tmp_path / "warm", model=target, progress=False)
-    assert first.step == 1
-    fresh = dspark.drafter.train.DSparkDrafter.from_target_model(target, n_layer=1, gamma=4, markov_rank=8)
-    fresh.init_layers_from(target)
-    assert torch.equal(fresh.layers[0].mlp.up.weight, target.model.layers[1].mlp.up_proj.weight)
+    assert first.step == 1 and starts == [True]
+    train(small(steps=1), data, tmp_path / "cold", model=target, progress=False)
+    assert starts == [True]  # random init: not called
 
 
 def test_kl_warmup_schedule_and_validation():
