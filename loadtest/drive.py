@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -31,18 +30,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark.stack.port import free_port
 from loadtest import report
 from loadtest.shapes import progress
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 GOOD_USERS = ("GrpcStreamUser", "OpenAIStreamUser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

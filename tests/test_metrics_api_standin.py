@@ -6,7 +6,6 @@ custom and external metrics API answers are what an HPA reads."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,8 @@ import test_helm_chart
 import yaml
 from metrics_api_standin import CUSTOM, EXTERNAL, MetricsApi, Prometheus, load_rules, quantity, serve
 from test_helm_chart import named, render
+
+from dspark.stack.port import free_port
 
 helm = test_helm_chart.helm  # the session fixture: the pinned helm binary
 ROOT = Path(__file__).parents[1]
@@ -49,12 +50,6 @@ PODS = [
     ("serving", "dspark-router-77c4-y", "router", 4),
     ("other", "dspark-router-1234-z", "router", 50),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str):

@@ -4,7 +4,6 @@ through the official openai client."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from dspark.core.sampling import SamplingParams
 from dspark.router import grpc_api
 from dspark.router.loop import Router, RouterConfig
 from dspark.serving import grpc_server
+from dspark.stack.port import free_port
 from dspark.stack.serve import start_draft, start_verifier
 from dspark.v1 import generation_pb2 as gpb
 from dspark.v1 import generation_pb2_grpc
@@ -152,12 +152,6 @@ def test_token_required_and_deadline(deployment):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_http_api(deployment, target_model):
     import uvicorn
     from openai import OpenAI
@@ -165,7 +159,7 @@ def test_openai_http_api(deployment, target_model):
     from dspark.router.openai_api import build_app
 
     router, _ = deployment
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(lambda: router), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
@@ -235,7 +229,7 @@ def test_ray_serve_application(bg, target_model):
 
     v = bg.run(start_verifier(make_verifier_core(target_model)))
     d = bg.run(start_draft(make_draft_core(target_model)))
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port = free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         serve.start(

@@ -17,6 +17,7 @@ from test_router_apis import Letters, text
 from test_verifier_draft_services import PROMPTS, make_draft_core, make_verifier_core
 
 from dspark.router.loop import Router, RouterConfig
+from dspark.stack.port import free_port
 from dspark.stack.serve import start_draft, start_verifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,9 +56,7 @@ def http(bg, target_model):
     d = bg.run(start_draft(make_draft_core(target_model)))
     addresses = dict(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}")
     router = Router(RouterConfig(**addresses, max_tokens=16, max_request_bytes=LIMIT), tokenizer=CountingLetters())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(lambda: router), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()

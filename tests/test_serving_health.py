@@ -4,12 +4,11 @@ answers, an unknown service name), 2 on a bad address."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from dspark import cli
 from dspark.serving import grpc_server, health
+from dspark.stack.port import free_port
 
 VERIFIER = "dspark.v1.VerifierService"
 
@@ -19,12 +18,6 @@ def service(bg):
     svc = bg.run(grpc_server.start(grpc_server.ServerConfig(address="127.0.0.1:0"), [], [VERIFIER]))
     yield svc
     bg.run(svc.stop(0))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_health_exits_0_when_the_service_is_serving(service, capsys):

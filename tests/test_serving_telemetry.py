@@ -11,12 +11,13 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_router_apis import Letters, _free_port
+from test_router_apis import Letters
 from test_verifier_draft_services import PROMPTS, make_draft_core, make_verifier_core
 
 from dspark.core.sampling import SamplingParams
 from dspark.router.loop import Router, RouterConfig
 from dspark.serving import metrics, telemetry
+from dspark.stack.port import free_port
 from dspark.stack.serve import start_draft, start_verifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +47,7 @@ def test_one_trace_spans_router_draft_and_verifier_and_metrics_are_scraped(spans
     v = bg.run(start_verifier(make_verifier_core(target_model)))
     d = bg.run(start_draft(make_draft_core(target_model)))
     router = Router(RouterConfig(verifier=f"127.0.0.1:{v.port}", draft=f"127.0.0.1:{d.port}"), tokenizer=Letters())
-    port = _free_port()
+    port = free_port()
     metrics.start_exporter(port)
     try:
         spans.clear()

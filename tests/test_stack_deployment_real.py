@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+
+from dspark.stack.port import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +27,6 @@ def _drafter() -> str:
         return str(default_drafter_path(DEFAULT_MODEL))
     except FileNotFoundError as e:
         pytest.skip(f"no drafter: {e}")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url_or_addr: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -60,7 +55,7 @@ def test_generate_server_equals_generate_local(tmp_path, capsys):
 
     drafter = _drafter()
     sps = str(tmp_path / "sps.json")
-    vp, dp, gp, hp = _port(), _port(), _port(), _port()
+    vp, dp, gp, hp = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--threads", "1", "--drafter", drafter, "--metrics-port", "0", "--max-requests", "4"]
     cmds = [

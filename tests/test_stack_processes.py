@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -29,6 +28,7 @@ import torch
 
 from dspark.core.config import EngineConfig
 from dspark.stack.launcher import StackConfig
+from dspark.stack.port import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -42,12 +42,6 @@ PROMPTS = [
     "List three prime numbers and explain why they are prime.",
     "How do I reverse a list in Python?",
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> set[int]:
@@ -180,11 +174,11 @@ def stack(request, tmp_path_factory, stack_env):
         drafter=drafter,
         sps_profile=str(tmp / "sps.json"),  # quick-profiled by the verifier's first start, loaded on its restart
         policy="dspark",
-        verifier_port=_port(),
-        draft_port=_port(),
-        grpc_port=_port(),
-        http_port=_port(),
-        metrics_ports=(_port(), _port()),
+        verifier_port=free_port(),
+        draft_port=free_port(),
+        grpc_port=free_port(),
+        http_port=free_port(),
+        metrics_ports=(free_port(), free_port()),
         max_queue=MAX_QUEUE,
         no_ray=False,
         wait=300.0,

@@ -13,7 +13,6 @@ must be identical; the run checks it. Writes services.json and prints a table.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import threading
 import time
@@ -25,6 +24,7 @@ from dspark.bench.policies import closed_loop, eval_prompts, round_breakdown
 from dspark.core.decoding import LoopTimes
 from dspark.core.proposer import DraftTimes
 from dspark.core.sampling import SamplingParams
+from dspark.stack.port import free_port
 
 IN_PROCESS, DISAGGREGATED = "in-process", "disaggregated"
 SERVED_PLAIN = "served-plain"  # the same stack, each request on the autoregressive policy: the baseline
@@ -261,12 +261,6 @@ def run_remote(
         for f in [pool.submit(worker) for _ in range(min(concurrency, len(prompts)))]:
             f.result()
     return out, time.perf_counter() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(urls: dict[str, str]) -> dict[str, dict]:
