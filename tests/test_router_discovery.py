@@ -255,8 +255,11 @@ def test_a_verifier_that_joins_takes_new_requests_and_one_that_leaves_hands_its_
     assert {pool.replica_of(r) for r in late} == {addr(v2)}  # new requests go to the new, idle replica
     still = [r for r in first if r not in done]
     assert still and pool.sessions() == {addr(v1): len(still), addr(v2): 2}
+    next(r for r in pool.replicas if r.address == addr(v1)).restored = 3  # say it rebuilt 3 after a restart once
+    restored = pool.restored
     assert pool.remove(addr(v1))  # scale-down: its pod left the endpoints
     assert pool.addresses == [addr(v2)] and pool.failovers == len(still)
+    assert pool.restored == restored + len(still)  # the count goes on with the moves; it never falls
     assert {pool.replica_of(r) for r in still} == {addr(v2)}
     assert not pool.remove(addr(v2))  # the last replica stays until another one joins
     while dec.has_work:
@@ -394,6 +397,7 @@ def test_the_router_follows_a_services_endpoints_with_nothing_lost(services, tar
             return await asyncio.gather(*(router.generate(p, params) for p in prompts))
 
         before = pinned("verifier", addr(v2))
+        restored = metrics.RESTORED._value.get()
         fut1 = asyncio.run_coroutine_threadsafe(run_all(PROMPTS[:2]), bg.loop)
         both = endpoints("v", [ip_port[v1][0]], port=int(ip_port[v1][1]), rv="2")
         both["subsets"].append(endpoints("v", [ip_port[v2][0]], port=int(ip_port[v2][1]))["subsets"][0])
@@ -405,6 +409,7 @@ def test_the_router_follows_a_services_endpoints_with_nothing_lost(services, tar
         vapi.push("MODIFIED", endpoints("v", [ip_port[v2][0]], port=int(ip_port[v2][1]), rv="3"))
         wait_for(lambda: pool.failovers == 2)  # the first pod's two sessions moved to the one that stays
         assert pool.addresses == [addr(v2)]
+        wait_for(lambda: metrics.RESTORED._value.get() - restored == 2)  # and the router's counter says so
         out = [d[0].token_ids for d in fut1.result(60) + fut2.result(60)]
         assert out == plain_greedy(target_model, params=params[0])
         assert pinned("verifier", addr(v2)) - before == 2  # the new pod took the requests that came after it

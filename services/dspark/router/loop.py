@@ -79,6 +79,7 @@ class Router:
         if decoder.proposer is not None:
             decoder.proposer = InstrumentedProposer(decoder.proposer)
         self.decoder = decoder
+        self._restored = getattr(decoder.verifier.inner, "restored", 0)  # what RESTORED counted so far
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(config)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sent: dict[str, int] = {}
@@ -388,6 +389,7 @@ class Router:
                     self._finish(msg[1], ([], c))
             elif msg[0] == "replicas":
                 self._apply_replicas(*msg[1:])
+                self._record_restored()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -428,7 +430,6 @@ class Router:
         if p is not None:
             p.round = stats
         failures = getattr(p, "failures", 0)
-        restored = getattr(v.inner, "restored", 0)
         traced = {rid: s for rid, s in self._spans.copy().items() if s.is_recording()}
         links = [Link(s.get_span_context()) for s in list(traced.values())[:64]]
         with telemetry.tracer().start_as_current_span("dspark.batch", links=links) as span:
@@ -473,8 +474,15 @@ class Router:
                 )
         metrics.record_round(stats, total)
         metrics.DRAFT_FALLBACK.inc(getattr(p, "failures", 0) - failures)
-        metrics.RESTORED.inc(getattr(v.inner, "restored", 0) - restored)
+        self._record_restored()
         return finished
+
+    def _record_restored(self) -> None:
+        """dspark_verifier_restored_sessions_total follows the pool's count, whether the sessions were rebuilt in a
+        round (a restarted replica) or between rounds (moved off a replica that left the tier)."""
+        now = getattr(self.decoder.verifier.inner, "restored", 0)
+        metrics.RESTORED.inc(max(0, now - self._restored))
+        self._restored = max(now, self._restored)
 
     def close(self) -> None:
         for w in self._watches:

@@ -58,6 +58,7 @@ class VerifierPool:
         self._pin: dict[str, RemoteVerifier] = {}
         self._threads = ThreadPoolExecutor(max_workers=_MAX_THREADS, thread_name_prefix="dspark-verify")
         self.failovers = 0  # sessions moved off a lost or leaving replica
+        self._restored_gone = 0  # what replicas no longer in the pool had restored (keeps `restored` from falling)
         # replicas that left while they were the last one, or while the others had no room for their sessions: they
         # take no new requests, and go when another one joins or the room is there (tried every round)
         self._leaving: set[str] = set()
@@ -126,6 +127,7 @@ class VerifierPool:
             return False
         self._leaving.discard(address)
         self.replicas.remove(r)
+        self._restored_gone += r.restored
         self._rehome(r, moved)
         r.release_sessions(moved)  # the leaving pod is draining: free its sessions now (the TTL would, later)
         r.close()
@@ -156,7 +158,9 @@ class VerifierPool:
 
     @property
     def restored(self) -> int:
-        return sum(r.restored for r in self.replicas) + self.failovers
+        """Sessions rebuilt from the router's history, ever: on a restarted replica, or moved off one that was lost
+        or left (each counted once, by the replica that prefilled it; never falls when a replica goes)."""
+        return sum(r.restored for r in self.replicas) + self._restored_gone
 
     def _groups(self, items, key=lambda it: it.request_id) -> dict[RemoteVerifier, list[int]]:
         groups: dict[RemoteVerifier, list[int]] = {}
@@ -220,6 +224,7 @@ class VerifierPool:
         if r in self.replicas and len(self.replicas) > 1:
             log.warning("verifier %s lost; dropping it from the pool", r.address)
             self.replicas.remove(r)
+            self._restored_gone += r.restored
         elif r in self.replicas:
             raise ConnectionError(f"the last verifier replica {r.address} is unreachable")
 
