@@ -129,7 +129,9 @@ def installed(cluster, image):
     with timed("helm_install_ready"):
         cluster.release("install", ref)
         cluster.kubectl("wait", "--for=condition=Ready", "pods", "-l", SELECTOR, "--timeout=300s", timeout=320)
-    print(cluster.kubectl("get", "pods", "-o", "wide"))
+    wide = cluster.kubectl("get", "pods", "-o", "wide")
+    (K8S / "e2e-pods-wide.txt").write_text(wide)
+    print(wide)
     return ref
 
 
@@ -172,6 +174,25 @@ def test_image_runs_dspark_as_a_non_root_user_and_a_second_build_is_cached(image
     assert time.monotonic() - t0 < 15, "the second make image should be a cache hit"
 
 
+# -- the chart against the real server ------------------------------------------------------------------------------
+
+
+def test_every_rendering_of_the_values_matrix_passes_the_1_20_servers_dry_run(cluster, tmp_path):
+    """tests/test_helm_chart.py's values matrix, rendered for this server's version and applied with
+    `kubectl apply --dry-run=server`: the API server's own validation and defaulting, nothing persisted. The `helm
+    test` pod is left out (its admission looks up a ServiceAccount a dry run never creates); `helm test` below runs
+    it for real."""
+    from test_helm_chart import MATRIX, _set_args
+
+    for case, values in MATRIX.items():
+        manifest = tmp_path / f"{case.replace(' ', '-').replace(',', '')}.yaml"
+        manifest.write_text(cluster.helm("template", "dspark-dry-run", "helm/dspark", "--namespace", "default",
+                                         "--kube-version", "1.20.2", "--skip-tests", *_set_args(values)))  # fmt: skip
+        out = cluster.kubectl("apply", "--dry-run=server", "-n", "default", "-f", str(manifest))
+        assert "(server dry run)" in out, (case, out)
+    assert not [o for o in cluster.kubectl("get", "all,configmaps,secrets", "-o", "name").split() if "dry-run" in o]
+
+
 # -- install, helm test, Generate ------------------------------------------------------------------------------------
 
 
@@ -188,6 +209,7 @@ def test_helm_install_brings_every_dspark_pod_to_ready(cluster, installed):
 def test_helm_test_makes_a_real_generate_call(cluster, installed):
     with timed("helm_test"):
         out = cluster.helm("test", RELEASE, "--timeout", "5m")
+    (K8S / "e2e-helm-test.txt").write_text(out)
     assert "Phase:          Succeeded" in out, out
 
 
@@ -342,8 +364,10 @@ def _write_targets(cluster, path: Path) -> None:
     tmp.replace(path)
 
 
-def _router_requests_per_verifier(cluster) -> dict[str, float]:
-    """dspark_replica_requests_total{tier="verifier"} summed over the router pods, by replica address."""
+def _router_metrics(cluster) -> dict:
+    """Summed over the router pods: dspark_replica_requests_total{tier="verifier"} by replica address ("requests"),
+    dspark_queue_depth ("queue") and dspark_verifier_restored_sessions_total ("moved": sessions prefilled again on
+    another replica, a leaving one's included)."""
     from dspark.bench.services import scrape
 
     urls = {}
@@ -352,12 +376,16 @@ def _router_requests_per_verifier(cluster) -> dict[str, float]:
         if labels.get("app.kubernetes.io/component") == "router" and ip:
             port = next(c["containerPort"] for c in p["spec"]["containers"][0]["ports"] if c["name"] == "http")
             urls[p["metadata"]["name"]] = f"http://{ip}:{port}/metrics"
-    out: dict[str, float] = {}
+    out: dict = {"requests": {}, "queue": 0.0, "moved": 0.0}
     for samples in scrape(urls).values():  # a router pod that does not answer gives {}
         for (name, labels), value in samples.items():
             labels = dict(labels)
             if name == "dspark_replica_requests_total" and labels.get("tier") == "verifier":
-                out[labels["replica"]] = out.get(labels["replica"], 0.0) + value
+                out["requests"][labels["replica"]] = out["requests"].get(labels["replica"], 0.0) + value
+            elif name == "dspark_queue_depth":
+                out["queue"] += value
+            elif name == "dspark_verifier_restored_sessions_total":
+                out["moved"] += value
     return out
 
 
@@ -388,6 +416,8 @@ def _timeline_png(rows: list[dict], path: Path) -> None:
     a1.step(t, [r["ready_verifiers"] for r in rows], where="post", label="ready verifier pods")
     a1.plot(t, [r["clients"] for r in rows], ":", label="clients")
     a1.plot(t, [r["failed"] + r["wrong"] for r in rows], "--", label="failed or inexact requests (so far)")
+    a1.plot(t, [r.get("router_queue", 0) for r in rows], "-.", label="router queue depth")
+    a1.plot(t, [r.get("moved_sessions", 0) for r in rows], "-", lw=0.8, label="sessions moved (so far)")
     a1.set_ylabel("count")
     a1.legend(loc="upper right", fontsize=8)
     for pod in sorted({k for r in rows for k in r["sessions"]}):
@@ -408,9 +438,9 @@ def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(c
     tests/metrics_api_standin.py) answers the aggregated custom/external metrics APIs from it with the chart's own
     adapter rules, and the chart's verifier HPA (autoscaling/v2beta2 on 1.20) scales on sessions per pod. Four
     clients on one verifier pod: the HPA scales 1 -> 2, the router (discovery `kubernetes`) sees the new pod and
-    pins new requests to it. One client then: it scales back to 1, the leaving pod's sessions are prefilled again
-    on the other. No request fails; every answer is the target's own greedy tokens. Timeline:
-    $K8S/e2e-hpa-timeline.json and .png."""
+    pins new requests to it. Two clients then (one on each pod): it scales back to 1, and the leaving pod's session
+    is prefilled again on the other (the router's moved-sessions counter rises). No request fails; every answer is
+    the target's own greedy tokens. Timeline: $K8S/e2e-hpa-timeline.json and .png."""
     import yaml
 
     model, tokenizer = real_model
@@ -512,6 +542,7 @@ def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(c
                 sessions = {m["pod"]: v for m, v in prom.query('dspark_sessions{service="verifier"}')}
             except OSError:
                 sessions = {}
+            router = _router_metrics(cluster)
             with lock:
                 failed = sum(1 for e in log if e["code"] != "OK")
                 wrong = sum(1 for e in log if e["code"] == "OK" and not e["ok"])
@@ -521,8 +552,9 @@ def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(c
                    "hpa_current": hpa.get("status", {}).get("currentReplicas", 0),
                    "ready_verifiers": len(ready), "verifier_pods": [p["metadata"]["name"] for p in ready],
                    "ready_ips": [p["status"].get("podIP") for p in ready],
-                   "sessions": sessions, "router_requests": _router_requests_per_verifier(cluster),
-                   "finished": finished, "failed": failed, "wrong": wrong}  # fmt: skip
+                   "sessions": sessions, "router_requests": router["requests"], "router_queue": router["queue"],
+                   "moved_sessions": router["moved"], "finished": finished, "failed": failed,
+                   "wrong": wrong}  # fmt: skip
             rows.append(row)
             (K8S / "e2e-hpa-timeline.json").write_text(json.dumps(rows, indent=1))
             return row
@@ -542,12 +574,15 @@ def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(c
                     assert time.monotonic() < deadline, (rows[-2:], _hpa_diagnosis(cluster))
                     time.sleep(2)
             with timed("hpa_scale_down"):
-                for a in active[1:]:
+                # two clients on two pods (1 / 2 sessions per pod -> one pod): the router spreads them, so the pod
+                # that leaves holds a session when it goes, and that session moves
+                for a in active[2:]:
                     a.clear()
                 deadline = time.monotonic() + 240
                 while True:  # back to one pod, and the remaining client finished requests after that
                     row = sample()
                     if row["ready_verifiers"] == 1 and row["hpa_current"] == 1:
+                        active[1].clear()  # one client: 1 / 2 per pod, nothing to scale out again for
                         with lock:
                             n_before = len(log)
                         break
@@ -572,6 +607,8 @@ def test_the_verifier_tier_scales_out_under_load_and_back_with_no_request_lost(c
         assert not failed, failed
         assert max(r["hpa_desired"] for r in rows) == 2 and rows[-1]["hpa_current"] == 1
         assert len(log) >= 8
+        i_down = next(i for i, r in enumerate(rows) if r["clients"] == 2)
+        assert rows[-1]["moved_sessions"] > rows[i_down]["moved_sessions"], rows[i_down:]  # the leaving pod's moved
     finally:
         cluster.kubectl("delete", "--ignore-not-found", "-f", str(work / "metrics-api.yaml"), check=False)
         for p in procs:
