@@ -50,3 +50,31 @@ def test_saved_table_is_reused_only_for_what_it_was_measured_for(proposer, tmp_p
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="profiled for"):
         cost_profile.load(path, cost_profile.DraftCostKey.of(proposer, "tiny"))
+
+
+def test_a_drafter_served_with_onednn_drafts_what_it_drafts_with_torch_and_has_its_own_table():
+    """use_linear_kernel swaps the drafter's own projections for oneDNN's prepacked ones (the serving paths do it
+    with the engine's kernel): the same draft distributions to float tolerance, the same greedy tokens, and a cost
+    table kept under another name (a table measured with the other kernel is not reused)."""
+    from dspark.core.linear_kernel import onednn_available
+    from dspark.core.proposer import DraftRequest
+    from dspark.core.sampling import SamplingParams
+
+    if not onednn_available("cpu", torch.float32):
+        pytest.fail("this torch build has no oneDNN linear on CPU; the serving default relies on it")
+    model = _tiny_llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2)
+    torch.manual_seed(1)
+    plain = DSparkDrafter.from_target_model(model, feature_layers=(0, 1, 2), n_layer=1, gamma=3)
+    served = DSparkDrafter.from_target_model(model, feature_layers=(0, 1, 2), n_layer=1, gamma=3)
+    served.load_drafter_state_dict(plain.drafter_state_dict())
+    assert served.use_linear_kernel("auto") == "onednn"
+    a, b = DSparkProposer(plain), DSparkProposer(served)
+    feats = torch.randn(8, plain.config.feature_size)
+    history = [(5 * j + 3) % plain.config.vocab_size for j in range(9)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=64)
+    pa, pb = (p.propose([DraftRequest("r", history, 3, greedy, feats)])[0] for p in (a, b))
+    assert torch.equal(pa.token_ids, pb.token_ids)
+    torch.testing.assert_close(pa.probs, pb.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pa.confidence, pb.confidence, atol=1e-5, rtol=1e-4)
+    ka, kb = (cost_profile.DraftCostKey.of(p, "tiny") for p in (a, b))
+    assert (ka.backbone, kb.backbone) == ("torch", "onednn") and ka.filename != kb.filename

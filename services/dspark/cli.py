@@ -254,6 +254,7 @@ def cmd_profile(a) -> int:
 
     drafter_path = Path(a.drafter) if a.drafter else default_drafter_path(config.model)
     drafter = load_trained_drafter(drafter_path, engine.model, engine.tokenizer)
+    drafter.use_linear_kernel(config.linear_kernel)
     proposer = DSparkProposer(drafter, max_support=a.max_support or None)
     dkey = cost_profile.DraftCostKey.of(proposer, drafter_path.name)
     draft_rows = cost_profile.quick_rows(a.max_rows) if a.quick else cost_profile.full_rows(a.max_rows)

@@ -64,6 +64,7 @@ def build_dspark_decoder(
     if not 1 <= k <= d.config.gamma:
         raise ValueError(f"gamma must be in 1..{d.config.gamma} (the drafter's block size)")
     eos = eos_token_ids(engine.model, engine.tokenizer)
+    d.use_linear_kernel(config.linear_kernel)
     proposer = DSparkProposer(d)
     if draft_cost:
         proposer.draft_cost = cost_profile.load_or_profile(

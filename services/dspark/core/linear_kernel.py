@@ -143,6 +143,16 @@ def linear_over(weight: torch.Tensor, kernel: str = "auto") -> nn.Module:
 _KINDS = (nn.Linear, TransposedLinear, OneDnnLinear)
 
 
+def kernel_of(model: nn.Module) -> str:
+    """The kernel a model's linear layers run (the first one found; "torch" with none of this module's)."""
+    for m in model.modules():
+        if isinstance(m, OneDnnLinear):
+            return "onednn"
+        if isinstance(m, TransposedLinear):
+            return "transposed"
+    return "torch"
+
+
 def apply_linear_kernel(model: nn.Module, kernel: str) -> int:
     """Makes every linear layer of `model` (decoder projections and the LM head) run `kernel`, in place, from any
     other kernel. Returns how many layers changed (0 when the model already runs `kernel`). The LM head gets its own

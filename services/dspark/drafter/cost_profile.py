@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.core.linear_kernel import resolve_kernel
+from dspark.core.linear_kernel import kernel_of, resolve_kernel
 from dspark.core.planner import DraftCost
 from dspark.core.proposer import DraftRequest
 from dspark.core.sampling import SamplingParams
@@ -41,6 +41,7 @@ class DraftCostKey:
     dtype: str
     threads: int
     kernel: str = "torch"  # the linear kernel of its LM head rows (core/linear_kernel.py)
+    backbone: str = "torch"  # the kernel of its own projections (DSparkDrafter.use_linear_kernel)
 
     @classmethod
     def of(cls, proposer: DSparkProposer, name: str) -> DraftCostKey:
@@ -52,11 +53,12 @@ class DraftCostKey:
             str(d.fc.weight.dtype).removeprefix("torch."),
             torch.get_num_threads(),
             resolve_kernel("auto", proposer.device, d.fc.weight.dtype),
+            kernel_of(d),
         )
 
     @property
     def filename(self) -> str:
-        return f"draft-{self.drafter}-{self.device}-{self.dtype}-{self.kernel}-t{self.threads}.json"
+        return f"draft-{self.drafter}-{self.device}-{self.dtype}-{self.kernel}-{self.backbone}-t{self.threads}.json"
 
 
 def quick_rows(max_rows: int) -> list[int]:

@@ -74,6 +74,7 @@ def build_draft_core(
     model, tokenizer = load_model(engine_config.model, dtype=engine_config.dtype, device=engine_config.device)
     path = Path(drafter) if drafter else default_drafter_path(engine_config.model)
     d = load_trained_drafter(path, model, tokenizer).to(engine_config.device)
+    d.use_linear_kernel(engine_config.linear_kernel)
     del model
     proposer = DSparkProposer(d, max_support=max_support or None)
     proposer.draft_cost = cost_profile.load_or_profile(
