@@ -110,3 +110,19 @@ def test_a_profile_without_row_tables_prices_every_round_packed(engine, tmp_path
     path.write_text(json.dumps(doc))
     table = sps_profile.load(path, key)
     assert table.by_rows == () and table.for_rows(4) is table
+
+
+def test_a_burst_of_other_load_in_some_passes_does_not_reach_the_table(engine, monkeypatch):
+    """Other load only slows a step: each shape keeps its fastest pass, so a burst over three of five passes (a
+    median would keep it) leaves the table as the quiet passes measured it."""
+    calls = []
+
+    def timed(fn, device):
+        fn()
+        calls.append(None)
+        n = len(calls) - 1  # 2 shapes a pass; passes 1-3 (0-based) are slowed 10x
+        return 0.010 * (1 + (n % 2)) * (10 if 1 <= n // 2 <= 3 else 1)
+
+    monkeypatch.setattr(sps_profile, "seconds_of", timed)
+    rows = sps_profile.measure_shapes(engine, [(1, 1), (2, 4)], context=8, repeats=5)
+    assert [r["step_ms"] for r in rows] == [10.0, 20.0]

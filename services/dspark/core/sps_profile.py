@@ -2,8 +2,14 @@
 device and dtype it serves with (`dspark profile`). The scheduler prices every round with it.
 
 B query tokens are spread over ceil(B / 8) requests (anchor + 7 drafts each, the paper's block) with `context`
-cached tokens each. The sizes are measured in interleaved passes (every B once per pass, the median over passes), so a
-burst of other load lands on many sizes instead of all repeats of one. The JSON keeps the measured medians; the
+cached tokens each. The sizes are measured in interleaved passes (every B once per pass, the fastest pass kept), so a
+burst of other load lands on many sizes instead of all repeats of one, and other load only ever slows a step: the
+fastest pass is the least disturbed one. A median let a burst through: on a 2-core EPYC VM whose neighbours came and
+went, the median of 5 passes put 2 rows of 3 + 2 tokens at 42 ms and of 8 + 8 at 56 ms, where the packed table had
+measured the same 8 + 8 at 39 ms a minute earlier; the planner then saw a 10 ms cliff at the 5th token of a 2-request
+round and dspark drafted 0.25-0.7 tokens a round where fixed-length drafting ran 25% faster. What serving adds to the
+table (its own load, the machine's drift) the decode loop learns as rounds run (planner.VerifyRowCost). The JSON
+keeps the measured times; the
 table the scheduler sees is their least-squares non-decreasing fit in step time (pool adjacent violators): the rises
 (BLAS kernel switches, cache sizes, CUDA tile boundaries) are real and stay, while a larger step measured faster than
 a smaller one is noise the scheduler must not chase (a quick profile on a loaded 2-core CPU once put B=5 at 181 ms,
@@ -91,15 +97,17 @@ def row_shapes(max_rows: int, points: int = 12) -> list[tuple[int, int]]:
 
 
 def measure(engine: TargetEngine, sizes: list[int], context: int = 128, repeats: int = 3, log=None) -> list[dict]:
-    """The packed table: median forward time for each B in sizes, B query tokens in ceil(B / 8) rows."""
+    """The packed table: forward time for each B in sizes (the fastest of `repeats` interleaved passes), B query
+    tokens in ceil(B / 8) rows."""
     return measure_shapes(engine, [(math.ceil(b / BLOCK), b) for b in sizes], context, repeats, log)
 
 
 def measure_shapes(
     engine: TargetEngine, shapes: list[tuple[int, int]], context: int = 128, repeats: int = 3, log=None
 ) -> list[dict]:
-    """Median forward time of each (R, B) shape, B query tokens spread as evenly as they go over R rows (at most
-    BLOCK a row), over `repeats` interleaved passes (one warm-up each first). Needs max R free engine slots."""
+    """Forward time of each (R, B) shape, B query tokens spread as evenly as they go over R rows (at most BLOCK a
+    row): the fastest of `repeats` interleaved passes (one warm-up each first; see the module's docstring). Needs max
+    R free engine slots."""
     n_req = max(r for r, _ in shapes)
     if any(not r <= b <= r * BLOCK for r, b in shapes):
         raise ValueError(f"every shape needs between 1 and {BLOCK} query tokens a row: {shapes}")
@@ -124,7 +132,7 @@ def measure_shapes(
                 log(f"  pass {n + 1}/{repeats}: {len(shapes)} shapes")
         rows = []
         for (b, blocks, _), ts in zip(calls, times):
-            step = statistics.median(ts)
+            step = min(ts)
             rows.append({"B": b, "requests": len(blocks), "step_ms": round(1000 * step, 3), "sps": 1 / step})
             if log:
                 log(f"  B={b:4d} requests={len(blocks):3d} step={1000 * step:8.2f} ms  SPS={1 / step:8.2f}")
